@@ -1,0 +1,305 @@
+"""The ``harvester`` command. Synchronous edge of an async core: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import HarvesterError
+from .skymap import SkyMap
+from .targets import Size, load_targets, parse_size
+
+__all__ = ["main"]
+
+DEFAULT_REPO = Path("data/ecdfs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``harvester`` console script and ``python -m harvester``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HarvesterError as exc:
+        print(f"harvester: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("harvester: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, like other Unix tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harvester",
+        description="Harvest cutouts of Rubin-like survey images for lists of sky positions.",
+    )
+    p.add_argument("--version", action="version", version=f"harvester {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    loc = sub.add_parser(
+        "locate",
+        help="tract, patch and pixel of sky positions",
+        description="Print tract, patch and pixel of a position or a "
+        "target file on the lsst_cells_v1 sky map.",
+    )
+    loc.add_argument("ra", nargs="?", help="RA in degrees (ICRS)")
+    loc.add_argument("dec", nargs="?", help="Dec in degrees (ICRS)")
+    loc.add_argument("--size", help="cutout side: pixels (50) or an angle (60arcsec, 1arcmin)")
+    loc.add_argument("--targets", metavar="FILE", help="a target list instead of RA DEC")
+    loc.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    loc.set_defaults(func=_cmd_locate)
+
+    syn = sub.add_parser(
+        "synth",
+        help="build a synthetic DP1-like repository",
+        description="Build deterministic Rubin-like deep_coadd files. With no "
+        "selection, builds the demo repository: the patches the 27 ECDFS AGN "
+        "touch, in g, r, i, z.",
+    )
+    syn.add_argument(
+        "root",
+        nargs="?",
+        default=str(DEFAULT_REPO),
+        help=f"repository folder (default {DEFAULT_REPO})",
+    )
+    syn.add_argument(
+        "--patch",
+        action="append",
+        metavar="TRACT,PATCH",
+        default=[],
+        help="a tract,patch pair to build (repeatable)",
+    )
+    syn.add_argument("--targets", metavar="FILE", help="build the patches a target list needs")
+    syn.add_argument(
+        "--region",
+        nargs=4,
+        type=float,
+        metavar=("RA0", "RA1", "DEC0", "DEC1"),
+        help="build the patches of an RA/Dec box (degrees)",
+    )
+    syn.add_argument(
+        "--size",
+        default="300",
+        help="cutout side the target list will use, to include neighbouring "
+        "patches that boxes reach into (default 300)",
+    )
+    syn.add_argument("--bands", default="griz", help="bands, e.g. griz or g,r,i,z (default griz)")
+    syn.add_argument("--seed", type=int, default=1)
+    syn.add_argument("--compress", action="store_true", help="tile-compressed HDUs (RICE)")
+    syn.add_argument("--no-agn", action="store_true", help="do not plant the ECDFS AGN")
+    syn.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes (default: one per core)",
+    )
+    syn.set_defaults(func=_cmd_synth)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on the embedded synthetic repository",
+        description="Build the synthetic ECDFS repository if it is missing, "
+        "then show what it holds.",
+    )
+    demo.add_argument("--repo", default=str(DEFAULT_REPO), help="repository folder")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _size_arg(text: str | None) -> Size | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise SystemExit(f"harvester: error: --size: {exc}") from None
+
+
+def _coord_arg(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"harvester: error: {name} {text!r} is not a number (degrees)") from None
+
+
+def _cmd_locate(args: argparse.Namespace) -> int:
+    skymap = SkyMap()
+    size = _size_arg(args.size)
+    if args.targets:
+        if args.ra is not None:
+            raise SystemExit("harvester: error: give RA DEC or --targets, not both")
+        targets = load_targets(args.targets, skymap=skymap)
+        ids, ra, dec = [str(i) for i in targets.id], targets.ra, targets.dec
+        sides = np.where(targets.size > 0, targets.size, size.pixels(skymap) if size else 0)
+    else:
+        if args.ra is None or args.dec is None:
+            raise SystemExit("harvester: error: locate needs RA and DEC (degrees) or --targets")
+        ra = np.array([_coord_arg("RA", args.ra)])
+        dec = np.array([_coord_arg("Dec", args.dec)])
+        ids = [None]  # type: ignore[list-item]
+        sides = np.array([size.pixels(skymap) if size else 0])
+    try:
+        place = skymap.locate(ra, dec)
+    except ValueError as exc:
+        raise SystemExit(f"harvester: error: {exc}") from None
+    rows = []
+    for i in range(len(place)):
+        row: dict[str, Any] = {} if ids[i] is None else {"id": ids[i]}
+        row |= {
+            "ra": float(ra[i]) % 360.0,
+            "dec": float(dec[i]),
+            "tract": int(place.tract[i]),
+            "patch": int(place.patch[i]),
+            "patch_x": int(place.patch_x[i]),
+            "patch_y": int(place.patch_y[i]),
+            "x": float(place.x[i]),
+            "y": float(place.y[i]),
+            "center_x": int(place.center_x[i]),
+            "center_y": int(place.center_y[i]),
+        }
+        side = int(sides[i])
+        if side:
+            row |= {
+                "xy0_x": row["center_x"] - side // 2,
+                "xy0_y": row["center_y"] - side // 2,
+                "width": side,
+                "height": side,
+            }
+        rows.append(row)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    elif args.targets:
+        _print_table(rows)
+    else:
+        _print_one(rows[0], skymap)
+    return 0
+
+
+def _print_one(row: dict[str, Any], skymap: SkyMap) -> None:
+    box = skymap.patch_outer_box(row["patch"])
+    print(f"position     RA {row['ra']:.7f}  Dec {row['dec']:.7f} (deg, ICRS)")
+    print(f"tract        {row['tract']}")
+    print(
+        f"patch        {row['patch']}  (x={row['patch_x']}, y={row['patch_y']}); "
+        f"outer box [{box.x0}, {box.x1}) x [{box.y0}, {box.y1})"
+    )
+    print(f"pixel        x={row['x']:.3f}  y={row['y']:.3f}  (tract PARENT, 0-based)")
+    print(f"centre pixel x={row['center_x']}  y={row['center_y']}")
+    if "width" in row:
+        print(
+            f"cutout box   XY0=({row['xy0_x']}, {row['xy0_y']})  "
+            f"size {row['width']} x {row['height']} px"
+        )
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    keys = list(rows[0])
+    fmt = {"ra": "{:.7f}", "dec": "{:.7f}", "x": "{:.3f}", "y": "{:.3f}"}
+    cells = [[fmt.get(k, "{}").format(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[j]) for c in cells)) for j, k in enumerate(keys)]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from .synth import SynthSpec, build_repository, patches_for_region, patches_for_targets
+    from .synth._build import read_agn_list
+
+    skymap = SkyMap()
+    bands = tuple(b for b in args.bands.replace(",", "") if b.strip())
+    patches: set[tuple[int, int]] = set()
+    for item in args.patch:
+        try:
+            tract, patch = (int(v) for v in item.split(","))
+            skymap.patch_index(patch)
+            skymap.tract_center(tract)
+        except ValueError as exc:
+            raise SystemExit(f"harvester: error: --patch {item!r}: {exc}") from None
+        patches.add((tract, patch))
+    half = (_size_arg(args.size) or Size(0)).pixels(skymap) // 2 + 1
+    if args.targets:
+        t = load_targets(args.targets, skymap=skymap)
+        patches |= set(patches_for_targets(skymap, t.ra, t.dec, half))
+    if args.region:
+        patches |= set(patches_for_region(skymap, *args.region))
+    agn_path = files("harvester") / "data" / "ecdfs_agn.csv"
+    agn = None if args.no_agn else read_agn_list(str(agn_path))
+    if not patches:
+        assert agn is not None or args.no_agn
+        demo = read_agn_list(str(agn_path))
+        patches = set(patches_for_targets(skymap, demo.ra, demo.dec, half))
+        print(
+            f"Building the demo repository: the {len(patches)} patches the 27 ECDFS AGN "
+            f"need, bands {''.join(bands)}"
+        )
+    spec = SynthSpec(
+        patches=tuple(sorted(patches)), bands=bands, seed=args.seed, compress=args.compress, agn=agn
+    )
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, message: str) -> None:
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done)
+        print(
+            f"\r[{done}/{total}] {message:<40} {elapsed:6.1f}s elapsed, ETA {eta:5.1f}s",
+            end="" if done < total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    repo = build_repository(args.root, spec, jobs=max(1, args.jobs), progress=progress)
+    elapsed = time.perf_counter() - t0
+    print(
+        f"Repository {args.root}: {len(repo)} files, {len(spec.patches)} patches x "
+        f"{len(bands)} bands, {repo.total_bytes / 1e9:.2f} GB, built in {elapsed:.1f} s"
+    )
+    for ref in list(repo)[:3]:
+        print(f"  {ref.path}  ({ref.size / 1e6:.1f} MB, id {ref.id})")
+    if len(repo) > 3:
+        print(f"  ... and {len(repo) - 3} more; index: {Path(args.root) / 'index.json'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .repo import load_repository
+
+    root = Path(args.repo)
+    try:
+        repo = load_repository(root)
+        print(f"Using the synthetic repository {root} ({len(repo)} files).")
+    except HarvesterError:
+        print(f"Building the synthetic ECDFS repository in {root} (once; about a minute).")
+        _cmd_synth(_parser().parse_args(["synth", str(root)]))
+        repo = load_repository(root)
+    by_patch: dict[tuple[int, int], list[str]] = {}
+    for ref in repo:
+        by_patch.setdefault((ref.tract, ref.patch), []).append(ref.band)
+    for (tract, patch), bands in sorted(by_patch.items()):
+        print(f"  tract {tract} patch {patch:3d}: bands {''.join(sorted(bands))}")
+    print(f"{len(repo)} deep_coadd files, {repo.total_bytes / 1e9:.2f} GB on disk.")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The exception hierarchy. Each type says whether retrying can help.
+
+::
+
+    HarvesterError                 (retryable = False)
+    ├── ConfigError                a configuration key has a bad value
+    ├── TargetError                a target list or a row of it is unusable
+    ├── RepositoryError            a repository index or file is missing or broken
+    ├── UsageError                 a request can never succeed (no overlap, 404, 422)
+    └── TransientError             (retryable = True) may succeed if tried again
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "HarvesterError",
+    "RepositoryError",
+    "TargetError",
+    "TransientError",
+    "UsageError",
+]
+
+
+class HarvesterError(Exception):
+    """Base of every error harvester raises on purpose."""
+
+    retryable: bool = False
+
+
+class ConfigError(HarvesterError, ValueError):
+    """A configuration key has a bad value; the message names the key and value."""
+
+
+class TargetError(HarvesterError, ValueError):
+    """A target list is unusable, or one of its rows is; names file, row and column."""
+
+
+class RepositoryError(HarvesterError):
+    """A repository index or one of its files is missing or broken."""
+
+
+class UsageError(HarvesterError):
+    """A request that will fail however often it is tried."""
+
+
+class TransientError(HarvesterError):
+    """A failure that may go away (timeouts, resets, 5xx, 429)."""
+
+    retryable = True

@@ -1,0 +1,210 @@
+"""A local data repository: ``deep_coadd`` files on disk and their index.
+
+The index (``index.json`` at the repository root) plays the part of the Butler
+registry for one dataset type: one entry per file with its dataset id (UUID), the
+data id (tract, patch, band), the path relative to the root, the byte size and the
+patch's sky polygon. :func:`load_repository` reads it back and checks every entry
+and every file, so that a broken repository fails at open time with the entry and
+the key or path named, not halfway through a harvest.
+
+Dependency rule: depends on :mod:`harvester.skymap` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import RepositoryError
+from .skymap import SkyMap, SkyMapConfig
+
+__all__ = ["INDEX_NAME", "DatasetRef", "Repository", "load_repository", "write_index"]
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "harvester-repository"
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """One file of the repository (a Butler dataset, as far as harvester cares)."""
+
+    id: str
+    dataset_type: str
+    tract: int
+    patch: int
+    band: str
+    path: str
+    size: int
+    compressed: bool
+    polygon: tuple[tuple[float, float], ...]
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.tract, self.patch, self.band)
+
+
+@dataclass(frozen=True)
+class Repository:
+    """A loaded repository: root folder, sky map and datasets by (tract, patch, band)."""
+
+    root: Path
+    skymap: SkyMap
+    datasets: dict[tuple[int, int, str], DatasetRef]
+    seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+    def __iter__(self) -> Iterator[DatasetRef]:
+        return iter(self.datasets.values())
+
+    def get(self, tract: int, patch: int, band: str) -> DatasetRef | None:
+        return self.datasets.get((tract, patch, band))
+
+    def path_of(self, ref: DatasetRef) -> Path:
+        return self.root / ref.path
+
+    @property
+    def bands(self) -> list[str]:
+        return sorted({ref.band for ref in self})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(ref.size for ref in self)
+
+
+def write_index(
+    root: Path, skymap: SkyMap, refs: Iterable[DatasetRef], seed: int | None = None
+) -> Path:
+    """Write ``index.json`` atomically (temporary file, then rename)."""
+    doc = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "skymap": asdict(skymap.config),
+        "seed": seed,
+        "datasets": [
+            asdict(ref) | {"polygon": [list(p) for p in ref.polygon]}
+            for ref in sorted(refs, key=lambda r: r.key)
+        ],
+    }
+    path = root / INDEX_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+_REQUIRED: dict[str, type] = {
+    "id": str,
+    "dataset_type": str,
+    "tract": int,
+    "patch": int,
+    "band": str,
+    "path": str,
+    "size": int,
+    "compressed": bool,
+    "polygon": list,
+}
+
+
+def load_repository(root: str | os.PathLike[str], check_files: bool = True) -> Repository:
+    """Read a repository's index and check it.
+
+    Parameters
+    ----------
+    root : path
+        The repository folder (the one holding ``index.json``).
+    check_files : bool
+        Also check that every file exists and has the recorded size.
+
+    Raises
+    ------
+    RepositoryError
+        If the index is missing or unreadable, an entry lacks a key or has a value of
+        the wrong type, a path leaves the repository, or a file is missing or has the
+        wrong size. The message names the index, the entry and the key or file.
+    """
+    root = Path(root)
+    index = root / INDEX_NAME
+    if not index.is_file():
+        raise RepositoryError(
+            f"{root}: not a repository (no {INDEX_NAME}); build one with `harvester synth`"
+        )
+    try:
+        doc = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"{index}: cannot read the index: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
+        raise RepositoryError(
+            f"{index}: not a harvester repository index "
+            f"(format {doc.get('format') if isinstance(doc, dict) else None!r})"
+        )
+    if doc.get("version") != INDEX_VERSION:
+        raise RepositoryError(
+            f"{index}: index version {doc.get('version')!r} is not supported "
+            f"(this harvester reads version {INDEX_VERSION})"
+        )
+    try:
+        skymap = SkyMap(SkyMapConfig(**doc["skymap"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RepositoryError(f"{index}: bad 'skymap' section: {exc}") from exc
+    datasets: dict[tuple[int, int, str], DatasetRef] = {}
+    entries = doc.get("datasets")
+    if not isinstance(entries, list):
+        raise RepositoryError(f"{index}: 'datasets' must be a list")
+    resolved_root = root.resolve()
+    for i, entry in enumerate(entries):
+        ref = _parse_entry(index, i, entry)
+        where = f"{index}: dataset {i} ({ref.tract}, {ref.patch}, {ref.band})"
+        target = (root / ref.path).resolve()
+        if not target.is_relative_to(resolved_root):
+            raise RepositoryError(f"{where}: path {ref.path!r} leaves the repository")
+        if check_files:
+            if not target.is_file():
+                raise RepositoryError(f"{where}: file {target} is missing")
+            actual = target.stat().st_size
+            if actual != ref.size:
+                raise RepositoryError(
+                    f"{where}: file {target} has {actual} bytes, the index says {ref.size}"
+                )
+        if ref.key in datasets:
+            raise RepositoryError(f"{where}: duplicate data id")
+        datasets[ref.key] = ref
+    seed = doc.get("seed")
+    return Repository(
+        root=root, skymap=skymap, datasets=datasets, seed=seed if isinstance(seed, int) else None
+    )
+
+
+def _parse_entry(index: Path, i: int, entry: Any) -> DatasetRef:
+    if not isinstance(entry, dict):
+        raise RepositoryError(f"{index}: dataset {i} is not an object: {entry!r}")
+    for key, typ in _REQUIRED.items():
+        if key not in entry:
+            raise RepositoryError(f"{index}: dataset {i} has no {key!r}")
+        value = entry[key]
+        # bool is an int subclass; a tract of `true` is still wrong.
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise RepositoryError(
+                f"{index}: dataset {i} key {key!r} has {value!r}, expected {typ.__name__}"
+            )
+    try:
+        polygon = tuple((float(p[0]), float(p[1])) for p in entry["polygon"])
+    except (TypeError, ValueError, IndexError) as exc:
+        raise RepositoryError(f"{index}: dataset {i} key 'polygon' is malformed: {exc}") from exc
+    return DatasetRef(
+        id=entry["id"],
+        dataset_type=entry["dataset_type"],
+        tract=entry["tract"],
+        patch=entry["patch"],
+        band=entry["band"],
+        path=entry["path"],
+        size=entry["size"],
+        compressed=entry["compressed"],
+        polygon=polygon,
+    )
