@@ -525,8 +525,9 @@ def _tan_sky_to_pixel(
         xi = cos_dec * np.sin(dra) / cos_c
         eta = (cos_dec0 * sin_dec - sin_dec0 * cos_dec * cos_dra) / cos_c
         far = cos_c <= 0
-        xi = np.where(far, np.nan, xi)
-        eta = np.where(far, np.nan, eta)
+        flip = _lonpole_sign(dec0)
+        xi = np.where(far, np.nan, xi * flip)
+        eta = np.where(far, np.nan, eta * flip)
     k = 1.0 / (_DEG * scale_deg)
     return crpix0 - xi * k, crpix0 + eta * k
 
@@ -541,10 +542,21 @@ def _tan_pixel_to_sky(
 ) -> tuple[FloatArray, FloatArray]:
     """Inverse of :func:`_tan_sky_to_pixel`; returns radians (RA not wrapped)."""
     k = _DEG * scale_deg
-    xi = -(x - crpix0) * k
-    eta = (y - crpix0) * k
+    flip = _lonpole_sign(dec0)
+    xi = -(x - crpix0) * k * flip
+    eta = (y - crpix0) * k * flip
     cos_dec0, sin_dec0 = np.cos(dec0), np.sin(dec0)
     den = cos_dec0 - eta * sin_dec0
     dec = np.arctan2(sin_dec0 + eta * cos_dec0, np.hypot(xi, den))
     ra = ra0 + np.arctan2(xi, den)
     return ra, dec
+
+
+def _lonpole_sign(dec0: FloatArray | float) -> FloatArray:
+    """-1 where the projection centre is the north pole, else +1.
+
+    The tract WCS has no LONPOLE card, so the FITS default applies: 180 deg, except
+    0 deg when the centre's Dec is >= 90 (the north cap tract). LONPOLE 0 turns the
+    native frame half a turn, which negates both projection-plane axes.
+    """
+    return np.where(np.asarray(dec0) >= 0.5 * math.pi, -1.0, 1.0)

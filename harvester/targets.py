@@ -236,7 +236,9 @@ def load_targets(
         else np.char.mod("%d", np.arange(1, n + 1))
     )
     if id_col is not None:
-        flag(_missing(table[id_col]) | (np.char.str_len(ids) == 0), id_col, ids, "empty id")
+        missing_id = _missing(table[id_col])
+        ids[missing_id] = ""  # not the masked cell's fill value, which may equal a real id
+        flag(missing_id | (np.char.str_len(ids) == 0), id_col, ids, "empty id")
     ra = _numbers(table[ra_col], flag, ra_col)
     dec = _numbers(table[dec_col], flag, dec_col)
     flag(~np.isfinite(ra), ra_col, table[ra_col], "not a finite number")
@@ -244,6 +246,7 @@ def load_targets(
     with np.errstate(invalid="ignore"):
         flag(np.abs(dec) > 90, dec_col, table[dec_col], "|dec| > 90 degrees")
     ra = np.mod(np.where(ok, ra, 0.0), 360.0)
+    ra[ra >= 360.0] = 0.0  # np.mod(-1e-20, 360.0) rounds to 360.0
     dec = np.where(ok, dec, 0.0)
 
     size = np.zeros(n, dtype=np.int64)
@@ -383,7 +386,9 @@ def _numbers(col: Any, flag: Any, name: str) -> npt.NDArray[np.float64]:
     missing = _missing(col)
     unit = getattr(col, "unit", None)
     arr = np.asarray(
-        col.filled(np.nan) if isinstance(col, MaskedColumn) and col.dtype.kind in "fiu" else col
+        col.astype(np.float64).filled(np.nan)
+        if isinstance(col, MaskedColumn) and col.dtype.kind in "fiu"
+        else col
     )
     if arr.dtype.kind in "fiu":
         out = arr.astype(np.float64)

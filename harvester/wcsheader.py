@@ -48,8 +48,8 @@ def window_cards(wcs: TractWcs, x0: int, y0: int) -> list[tuple[str, object, str
         ("CRPIX2A", 1.0, ""),
         ("CRVAL1A", float(x0), "PARENT x of the first pixel"),
         ("CRVAL2A", float(y0), "PARENT y of the first pixel"),
-        ("CUNIT1A", "PIXEL", ""),
-        ("CUNIT2A", "PIXEL", ""),
+        ("CUNIT1A", "pixel", ""),
+        ("CUNIT2A", "pixel", ""),
     ]
 
 

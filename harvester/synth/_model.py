@@ -146,11 +146,6 @@ def block_catalog(
     slope = np.where(np.arange(n) < n_gal, 0.33, 0.12)
     mag = np.maximum(26.5 + np.log10(rng.uniform(1e-9, 1, n)) / slope, 16.0)
     kind = np.where(np.arange(n) < n_gal, 1, 0).astype(np.int8)
-    keep = np.ones(n, dtype=bool)
-    if len(avoid):
-        min_sep = 30.0 / scale_arcsec * 0.2  # 30 px at 0.2"/px, scaled with the pixel scale
-        d2 = (x[:, None] - avoid[None, :, 0]) ** 2 + (y[:, None] - avoid[None, :, 1]) ** 2
-        keep = d2.min(axis=1) > min_sep**2
     cat = Catalog(
         x=x,
         y=y,
@@ -164,6 +159,14 @@ def block_catalog(
         axis_ratio=rng.uniform(0.3, 1.0, n),
         pa_rad=rng.uniform(0, math.pi, n),
     )
+    keep = np.ones(n, dtype=bool)
+    if len(avoid):
+        # Clear 30 px (at 0.2"/px) plus four effective radii around each AGN, so that
+        # no random source outshines it at its position.
+        px_per_arcsec = 1.0 / scale_arcsec
+        clear = 30.0 * 0.2 * px_per_arcsec + 4 * cat.r_eff_arcsec * px_per_arcsec
+        d2 = (x[:, None] - avoid[None, :, 0]) ** 2 + (y[:, None] - avoid[None, :, 1]) ** 2
+        keep = d2.min(axis=1) > clear**2
     return cat.subset(keep)
 
 

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny sky map and a small synthetic repository built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harvester.repo import Repository
+from harvester.skymap import SkyMap, SkyMapConfig
+from harvester.synth import AgnList, SynthSpec, build_repository
+
+#: Tracts of ~400 px (4 x 4 patches of 100 px, border 20): real geometry rules, tiny files.
+TINY = SkyMapConfig(
+    name="tiny", num_rings=12000, tract_overlap_deg=0.001, patch_inner=100, patch_border=20
+)
+#: A position in the ECDFS; its tract on the tiny sky map is the test tract.
+ECDFS = (53.318792, -27.844306)
+
+
+@pytest.fixture(scope="session")
+def tiny_skymap() -> SkyMap:
+    return SkyMap(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_tract(tiny_skymap: SkyMap) -> int:
+    return int(tiny_skymap.find_tract(*ECDFS)[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_agn(tiny_skymap: SkyMap, tiny_tract: int) -> AgnList:
+    """Five AGN at known tract pixels whose home tract is the test tract."""
+    x = np.array([110.3, 160.7, 255.1, 290.9, 120.2])
+    y = np.array([100.6, 140.2, 240.8, 280.3, 290.5])
+    ra, dec = tiny_skymap.pixel_to_sky(np.full(5, tiny_tract), x, y)
+    assert (tiny_skymap.find_tract(ra, dec) == tiny_tract).all()
+    return AgnList(tuple(f"agn{i}" for i in range(5)), tuple(ra), tuple(dec))
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tract: int, tiny_agn: AgnList
+) -> Repository:
+    """All 16 patches of the test tract in g and z, uncompressed."""
+    root = tmp_path_factory.mktemp("repo")
+    spec = SynthSpec(
+        patches=tuple((tiny_tract, p) for p in range(16)),
+        bands=("g", "z"),
+        seed=7,
+        agn=tiny_agn,
+        skymap=TINY,
+    )
+    return build_repository(root, spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo_compressed(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tract: int, tiny_agn: AgnList
+) -> Repository:
+    root = tmp_path_factory.mktemp("repoz")
+    spec = SynthSpec(
+        patches=tuple((tiny_tract, p) for p in (5, 6)),
+        bands=("z",),
+        seed=7,
+        agn=tiny_agn,
+        skymap=TINY,
+        compress=True,
+        tile=20,
+    )
+    return build_repository(root, spec)
+
+
+def parent_box(path: Path) -> tuple[int, int]:
+    """(x0, y0) of a file's IMAGE HDU from its LTV keywords."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        h = hdul["IMAGE"].header
+        return -int(h["LTV1"]), -int(h["LTV2"])
