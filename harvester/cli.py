@@ -11,10 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from . import __version__
+from .config import GridConfig, RunConfig, load_config
+from .engine import Harvester, Report, run
 from .errors import HarvesterError
+from .progress import ProgressBar
 from .skymap import SkyMap
 from .targets import Size, load_targets, parse_size
 
@@ -112,15 +116,115 @@ def _parser() -> argparse.ArgumentParser:
     )
     syn.set_defaults(func=_cmd_synth)
 
+    for name, helptext in (
+        ("run", "harvest cutouts for a target list"),
+        ("plan", "quote a harvest without reading pixels"),
+    ):
+        cmd = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext.capitalize() + ". Flags override the config file's keys.",
+        )
+        cmd.add_argument("config", nargs="?", help="run configuration (TOML)")
+        cmd.add_argument("--targets", help="target file, or random:N")
+        cmd.add_argument("--repo", help="repository folder")
+        cmd.add_argument("--output", "-o", help="output folder")
+        cmd.add_argument("--bands", help="bands, e.g. z or g,r,i")
+        cmd.add_argument("--size", help="cutout side: pixels or an angle (10arcsec)")
+        cmd.add_argument("--planes", help="planes to read, e.g. image or image,mask,variance")
+        cmd.add_argument("--formats", help="outputs: any of fits,stack,grid")
+        cmd.add_argument("--concurrency", type=int, help="image reads in flight")
+        cmd.add_argument("--rate", type=float, help="batch reads started per second (0: none)")
+        cmd.add_argument("--batch-size", type=int, help="targets per unit of work")
+        cmd.add_argument(
+            "--on-error", choices=("skip", "raise"), help="bad target rows: skip or stop"
+        )
+        if name == "run":
+            cmd.add_argument(
+                "--fresh", action="store_true", help="discard earlier outputs and ledger first"
+            )
+            cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        cmd.set_defaults(func=_cmd_run if name == "run" else _cmd_plan)
+
     demo = sub.add_parser(
         "demo",
         help="the main job on the embedded synthetic repository",
-        description="Build the synthetic ECDFS repository if it is missing, "
-        "then show what it holds.",
+        description="Build the synthetic ECDFS repository if it is missing, then harvest "
+        "the 27 ECDFS AGN into out/ (FITS, stack, grid, ledger).",
     )
     demo.add_argument("--repo", default=str(DEFAULT_REPO), help="repository folder")
+    demo.add_argument("--output", default="out/ecdfs", help="output folder")
     demo.set_defaults(func=_cmd_demo)
     return p
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(
+        args.config,
+        targets=args.targets,
+        repo=args.repo,
+        output=args.output,
+        bands=args.bands,
+        size=args.size,
+        planes=args.planes,
+        formats=args.formats,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        batch_size=args.batch_size,
+        on_error=args.on_error,
+    )
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def quote() -> list[str]:
+        async with Harvester(config) as h:
+            plan = h.plan()
+            lines = plan.quote().lines()
+            bad = plan.targets.bad
+            if bad:
+                lines.append(f"bad rows           {len(bad)} (first: {bad[0]})")
+            return lines
+
+    print("\n".join(anyio.run(quote)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.fresh and config.output is not None:
+        _clear_outputs(config.output)
+    report = _harvest(config, quiet=args.quiet)
+    return 3 if report.counts.get("failed") else 0
+
+
+def _harvest(config: RunConfig, quiet: bool = False) -> Report:
+    bar: ProgressBar | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = ProgressBar(total)
+        bar.update(done)
+
+    report = run(config, progress=None if quiet else progress)
+    if bar is not None:
+        bar.close()
+    print("\n".join(report.lines()))
+    return report
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove what harvester writes in an output folder, and nothing else."""
+    import shutil
+
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "stack.h5"):
+        (out / name).unlink(missing_ok=True)
+    for folder in ("fits", "stack_parts"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+    for page in out.glob("grid-*.png"):
+        page.unlink()
 
 
 def _size_arg(text: str | None) -> Size | None:
@@ -282,6 +386,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
     from .repo import load_repository
 
     root = Path(args.repo)
@@ -289,15 +395,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         repo = load_repository(root)
         print(f"Using the synthetic repository {root} ({len(repo)} files).")
     except HarvesterError:
-        print(f"Building the synthetic ECDFS repository in {root} (once; about a minute).")
+        print(f"Building the synthetic ECDFS repository in {root} (once; under a minute).")
         _cmd_synth(_parser().parse_args(["synth", str(root)]))
         repo = load_repository(root)
-    by_patch: dict[tuple[int, int], list[str]] = {}
-    for ref in repo:
-        by_patch.setdefault((ref.tract, ref.patch), []).append(ref.band)
-    for (tract, patch), bands in sorted(by_patch.items()):
-        print(f"  tract {tract} patch {patch:3d}: bands {''.join(sorted(bands))}")
-    print(f"{len(repo)} deep_coadd files, {repo.total_bytes / 1e9:.2f} GB on disk.")
+    targets = str(files("harvester") / "data" / "ecdfs_agn.csv")
+    out = Path(args.output)
+    _clear_outputs(out)
+    print(f"\nHarvesting the 27 ECDFS AGN of the DP1 tutorial (z band, 50 x 50 px) into {out}/")
+    config = load_config(
+        None,
+        repo=root,
+        targets=targets,
+        output=out,
+        bands="z",
+        size="50",
+        formats="fits,stack,grid",
+    )
+    _harvest(config)
+    colour = out / "colour"
+    _clear_outputs(colour)
+    print(f"\nAnd in colour (g, r, i; 100 x 100 px) into {colour}/")
+    config = load_config(
+        None,
+        repo=root,
+        targets=targets,
+        output=colour,
+        bands="g,r,i",
+        size="100",
+        formats="stack,grid",
+    )
+    config = config.replace(grid=GridConfig(rgb=("i", "r", "g"), stretch="asinh"))
+    _harvest(config)
+    print(
+        f"\nWhere to look:\n"
+        f"  {out}/grid-001.png         the cutouts, as in the tutorial's figure\n"
+        f"  {colour}/grid-001.png  g, r, i colour composites\n"
+        f"  {out}/fits/                one FITS file per AGN (IMAGE, MASK, VARIANCE)\n"
+        f"  {out}/stack.h5             (N, bands, H, W) arrays for machine learning\n"
+        f"  {out}/ledger.sqlite        one row per target, e.g.\n"
+        f"      sqlite3 {out}/ledger.sqlite 'select id, status, coverage, output from targets'"
+    )
     return 0
 
 

@@ -202,6 +202,11 @@ class SkyMap:
         dec = np.where(south, -0.5 * math.pi, np.where(north, 0.5 * math.pi, dec))
         return ra.astype(np.float64), dec.astype(np.float64)
 
+    def tract_centers(self, tract: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """Centres (RA, Dec) in degrees of an array of tract ids."""
+        ra, dec = self._centers(np.asarray(tract, dtype=np.int64))
+        return np.degrees(ra), np.degrees(dec)
+
     def tract_center(self, tract: int) -> tuple[float, float]:
         """Centre of a tract as (RA, Dec) in degrees."""
         self._check_tract(tract)

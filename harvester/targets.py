@@ -328,12 +328,39 @@ def _read_file(path: Path) -> Table:
     try:
         table = Table.read(path, format=fmt, **kwargs) if fmt else Table.read(path)
     except ImportError as exc:
+        if fmt == "parquet":
+            try:  # astropy's reader also insists on pandas; pyarrow alone is enough
+                return _read_parquet(path)
+            except ImportError:
+                pass
+            except Exception as exc2:
+                raise TargetError(f"{path}: cannot read as parquet: {exc2}") from exc2
         raise TargetError(
             f"{path}: reading {fmt} needs an optional package: {exc} "
             "(pip install 'harvester[parquet]' for Parquet)"
         ) from exc
     except Exception as exc:  # astropy raises many types for unreadable input
         raise TargetError(f"{path}: cannot read as {fmt or 'a table'}: {exc}") from exc
+    return table
+
+
+def _read_parquet(path: Path) -> Table:
+    """Read Parquet with pyarrow only, keeping the units astropy writes in the metadata."""
+    import pyarrow.parquet as pq
+    from astropy.table import meta
+
+    pa_table = pq.read_table(path)
+    units: dict[str, Any] = {}
+    yaml = (pa_table.schema.metadata or {}).get(b"table_meta_yaml")
+    if yaml:
+        header = meta.get_header_from_yaml(yaml.decode().split("\n"))
+        units = {c["name"]: c.get("unit") for c in header.get("datatype", [])}
+    table = Table()
+    for name, col in zip(pa_table.column_names, pa_table.columns, strict=True):
+        nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        table[name] = MaskedColumn(
+            col.to_numpy(zero_copy_only=False), mask=nulls, unit=units.get(name)
+        )
     return table
 
 

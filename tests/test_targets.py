@@ -360,6 +360,44 @@ def test_empty_ra_float_column_keeps_values(tmp_path: Path) -> None:
     assert t.id.tolist() == ["A", "C"]
 
 
+def test_empty_id_does_not_collide_with_a_real_id(tmp_path: Path) -> None:
+    # The masked cell's fill value for an integer column is 0; a real id 0 must survive.
+    path = _write(tmp_path / "ids.csv", "id,ra,dec\n1,10,1\n,20,2\n0,30,3\n")
+    t = load_targets(path, on_error="skip")
+    assert t.id.tolist() == ["1", "0"]
+    assert t.row.tolist() == [1, 3]
+    assert [(b.row, b.column, b.id, b.reason) for b in t.bad] == [(2, "id", "", "empty id")]
+
+
+def test_parquet_units_and_nulls(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "u.parquet"
+    table = Table(
+        {
+            "id": np.array(["p", "q", "r"]),
+            "ra": np.array([1.0, 2.0, 3.0]),
+            "dec": np.array([0.5, -0.5, 1.5]),
+            "size": np.array([10.0, 20.0, 60.0]),
+        }
+    )
+    table["size"].unit = "arcsec"
+    table.write(path, format="parquet")
+    t = load_targets(path)
+    assert t.id.tolist() == ["p", "q", "r"]
+    assert t.size.tolist() == [int(10 / SCALE), int(20 / SCALE), int(60 / SCALE)]
+    assert t.size.tolist() == [50, 100, 300]
+
+    # a null ra (written with pyarrow directly) is an empty value in row 2
+    nulls = tmp_path / "n.parquet"
+    pq.write_table(
+        pa.table({"id": ["p", "q", "r"], "ra": [1.0, None, 3.0], "dec": [0.0, 0.0, 0.0]}), nulls
+    )
+    t = load_targets(nulls, on_error="skip")
+    assert t.id.tolist() == ["p", "r"]
+    assert [(b.row, b.column, b.id) for b in t.bad] == [(2, "ra", "q")]
+
+
 def test_skip_keeps_good_rows_in_order(tmp_path: Path) -> None:
     text = (
         "# comment line, not a data row\n"

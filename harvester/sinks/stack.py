@@ -1,0 +1,223 @@
+"""The ML stack: (N, bands, H, W) arrays in HDF5, written incrementally.
+
+Why HDF5 and not Zarr: one self-describing file that h5py, astropy users,
+PyTorch/TensorFlow data loaders, pandas and HDFView read without extra packages,
+and whose *virtual datasets* let many small files act as one array.
+
+How it is written, so that a run killed at any moment loses nothing:
+
+* every batch becomes one shard ``stack_parts/part-r<run>-<seq>.h5``, written to a
+  temporary name and renamed, before the ledger records its targets;
+* at the end of the run ``stack.h5`` is (re)built, again atomically: its
+  ``image``, ``variance`` and ``mask`` datasets are virtual datasets over the rows
+  the ledger says are done (a shard left by a crash before its ledger commit is
+  simply not referenced), and its table datasets are plain copies.
+
+``stack.h5`` layout (one cutout size; with per-target sizes, one group per size
+named ``<H>x<W>`` holding the same datasets):
+
+* ``image``, ``variance`` (float32) and ``mask`` (int32): shape (N, B, H, W);
+* table, one entry per row: ``id``, ``index`` (position in the target list),
+  ``ra``, ``dec``, ``tract``, ``patch``, ``x0``, ``y0`` (XY0), ``status``,
+  ``coverage``, and the per-row WCS numbers ``crval1``, ``crval2``, ``crpix1``,
+  ``crpix2`` (FITS, 1-based), with the constant cards in the attribute
+  ``wcs_header`` (see :func:`stack_wcs`);
+* attributes ``bands``, ``planes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from ..cutout import CutoutBatch
+
+__all__ = ["StackSink", "stack_wcs"]
+
+PARTS = "stack_parts"
+STACK = "stack.h5"
+_TABLE = (
+    "id",
+    "index",
+    "ra",
+    "dec",
+    "tract",
+    "patch",
+    "x0",
+    "y0",
+    "coverage",
+    "crval1",
+    "crval2",
+    "crpix1",
+    "crpix2",
+)
+
+
+class StackSink:
+    """Writes batches as HDF5 shards; :meth:`finalize` builds ``stack.h5``."""
+
+    name = "stack"
+
+    def __init__(self, out_dir: Path, run_id: int) -> None:
+        self.out_dir = out_dir
+        self.run_id = run_id
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        (self.out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+
+    def write(self, batch: CutoutBatch) -> tuple[str, npt.NDArray[np.int64]]:
+        """Write a shard; returns its name and each cutout's row in it."""
+        with self._lock:
+            seq = next(self._seq)
+        name = f"part-r{self.run_id:04d}-{seq:06d}.h5"
+        path = self.out_dir / PARTS / name
+        tmp = path.with_name(f".{name}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("image", data=batch.image)
+                if batch.variance is not None:
+                    f.create_dataset("variance", data=batch.variance)
+                if batch.mask is not None:
+                    f.create_dataset("mask", data=batch.mask)
+                f.create_dataset("id", data=batch.ids.astype(object), dtype=h5py.string_dtype())
+                f["index"] = batch.index
+                f["ra"], f["dec"] = batch.ra, batch.dec
+                f["tract"], f["patch"] = batch.tract, batch.patch
+                f["x0"], f["y0"] = batch.x0, batch.y0
+                f["coverage"] = batch.coverage
+                f["crval1"], f["crval2"] = batch.crval[:, 0], batch.crval[:, 1]
+                f["crpix1"] = batch.crpix0 + 1.0 - batch.x0
+                f["crpix2"] = batch.crpix0 + 1.0 - batch.y0
+                f.attrs["bands"] = "".join(batch.bands)
+                f.attrs["scale_deg"] = batch.scale_deg
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return name, np.arange(len(batch), dtype=np.int64)
+
+    def finalize(self, rows: list[tuple[str, int, int]], status: dict[int, str]) -> Path | None:
+        """Build ``stack.h5`` over the given (part, row, idx) entries, atomically.
+
+        ``status`` maps target-list positions to their ledger status.
+        """
+        final = self.out_dir / STACK
+        if not rows:
+            final.unlink(missing_ok=True)
+            return None
+        by_part: dict[str, list[int]] = defaultdict(list)
+        for part, row, _ in rows:
+            by_part[part].append(row)
+        # Group parts by cutout shape: one virtual dataset per shape.
+        groups: dict[tuple[int, ...], list[tuple[str, npt.NDArray[np.int64]]]] = defaultdict(list)
+        meta: dict[str, tuple[tuple[int, ...], list[str], dict[str, str]]] = {}
+        for part in sorted(by_part):
+            with h5py.File(self.out_dir / PARTS / part, "r") as f:
+                shape = tuple(f["image"].shape[1:])
+                planes = [p for p in ("image", "variance", "mask") if p in f]
+                meta[part] = (
+                    shape,
+                    planes,
+                    {"bands": str(f.attrs["bands"]), "scale_deg": str(f.attrs["scale_deg"])},
+                )
+            groups[shape].append((part, np.unique(np.asarray(by_part[part], dtype=np.int64))))
+        tmp = final.with_name(f".{STACK}.tmp")
+        try:
+            with h5py.File(tmp, "w") as out:
+                for shape, parts in sorted(groups.items()):
+                    g = out if len(groups) == 1 else out.create_group(f"{shape[1]}x{shape[2]}")
+                    self._write_group(g, shape, parts, meta, status)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+
+    def _write_group(
+        self,
+        g: h5py.Group,
+        shape: tuple[int, ...],
+        parts: list[tuple[str, npt.NDArray[np.int64]]],
+        meta: dict[str, tuple[tuple[int, ...], list[str], dict[str, str]]],
+        status: dict[int, str],
+    ) -> None:
+        n = sum(len(r) for _, r in parts)
+        planes = meta[parts[0][0]][1]
+        g.attrs["bands"] = meta[parts[0][0]][2]["bands"]
+        g.attrs["planes"] = ",".join(planes)
+        for plane in planes:
+            dtype = np.int32 if plane == "mask" else np.float32
+            layout = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
+            at = 0
+            for part, rows in parts:
+                # Relative to stack.h5's folder: the output folder can be moved whole.
+                src = h5py.VirtualSource(
+                    f"{PARTS}/{part}", plane, shape=(self._part_len(part), *shape)
+                )
+                for a, b in _runs(rows):
+                    layout[at : at + b - a] = src[a:b]
+                    at += b - a
+            g.create_virtual_dataset(plane, layout, fillvalue=np.nan if plane != "mask" else 0)
+        table: dict[str, list[npt.NDArray[np.generic]]] = defaultdict(list)
+        for part, rows in parts:
+            with h5py.File(self.out_dir / PARTS / part, "r") as f:
+                for key in _TABLE:
+                    table[key].append(f[key][...][rows])
+        for key in _TABLE:
+            values = np.concatenate(table[key])
+            if key == "id":
+                g.create_dataset("id", data=values.astype(object), dtype=h5py.string_dtype())
+            else:
+                g.create_dataset(key, data=values)
+        index = np.concatenate(table["index"])
+        g.create_dataset(
+            "status",
+            data=np.array([status.get(int(i), "") for i in index], dtype=object),
+            dtype=h5py.string_dtype(),
+        )
+        g.attrs["wcs_header"] = _WCS_TEMPLATE
+        g.attrs["scale_deg"] = float(meta[parts[0][0]][2]["scale_deg"])
+
+    def _part_len(self, part: str) -> int:
+        with h5py.File(self.out_dir / PARTS / part, "r") as f:
+            return int(f["image"].shape[0])
+
+
+_WCS_TEMPLATE = (
+    "CTYPE1 = 'RA---TAN'; CTYPE2 = 'DEC--TAN'; CD1_1 = -scale; CD2_2 = +scale; "
+    "CD1_2 = CD2_1 = 0; RADESYS = 'ICRS'; per row: CRVAL1/2, CRPIX1/2 (1-based)"
+)
+
+
+def _runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Sorted unique rows as [a, b) runs of consecutive values."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [rows.size]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
+def stack_wcs(group: h5py.Group, i: int) -> WCS:
+    """The astropy WCS of row ``i`` of a stack (group), from its per-row numbers."""
+    scale_deg = float(group.attrs["scale_deg"])
+    header = fits.Header()
+    header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    header["CRVAL1"] = float(group["crval1"][i])
+    header["CRVAL2"] = float(group["crval2"][i])
+    header["CRPIX1"] = float(group["crpix1"][i])
+    header["CRPIX2"] = float(group["crpix2"][i])
+    header["CD1_1"], header["CD1_2"] = -scale_deg, 0.0
+    header["CD2_1"], header["CD2_2"] = 0.0, scale_deg
+    header["RADESYS"] = "ICRS"
+    return WCS(header)

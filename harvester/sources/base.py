@@ -1,0 +1,167 @@
+"""The source interface: deferred image handles, a handle cache, batch assembly.
+
+A source only has to open an :class:`ImageHandle` for a (tract, patch, band): an
+object that knows the image's PARENT origin and can copy boxes of a plane into
+caller-owned arrays. :func:`assemble_batch` does the rest for every source: boxes
+inside the home patch are read in one call per image and plane, boxes over a patch
+edge are completed piece by piece from the neighbours, and whatever no image
+covers stays NaN with the NO_DATA mask bit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..cutout import CutoutBatch
+from ..masks import NO_DATA
+from ..plan import BatchSpec, Plan
+from ..repo import DatasetRef
+
+__all__ = ["HandleCache", "ImageHandle", "assemble_batch"]
+
+PLANE_HDUS = {"image": "IMAGE", "mask": "MASK", "variance": "VARIANCE"}
+
+
+class ImageHandle(Protocol):
+    """A deferred handle on one image file: headers parsed, no pixels read yet."""
+
+    ref: DatasetRef
+    x0: int  # PARENT pixel of the image's first pixel
+    y0: int
+    width: int
+    height: int
+
+    def read_boxes(
+        self,
+        plane: str,
+        rows: npt.NDArray[np.int64],
+        ys: npt.NDArray[np.int64],
+        xs: npt.NDArray[np.int64],
+        h: int,
+        w: int,
+        out: npt.NDArray[np.generic],
+    ) -> None:
+        """``out[rows[k]] = plane[ys[k]:ys[k]+h, xs[k]:xs[k]+w]`` (local pixels, inside)."""
+
+    def close(self) -> None: ...
+
+
+Opener = Callable[[DatasetRef], ImageHandle]
+
+
+class HandleCache:
+    """Thread-safe LRU of open image handles, so each image is opened once.
+
+    Batches are ordered by home patch, so a handle is reused by every batch of its
+    patch and by the neighbours' edge boxes; ``opens`` counts real opens.
+    """
+
+    def __init__(self, opener: Opener, capacity: int = 64) -> None:
+        self._opener = opener
+        self._capacity = capacity
+        self._handles: OrderedDict[str, ImageHandle] = OrderedDict()
+        self._lock = threading.Lock()
+        self.opens = 0
+
+    def get(self, ref: DatasetRef) -> ImageHandle:
+        with self._lock:
+            handle = self._handles.get(ref.id)
+            if handle is not None:
+                self._handles.move_to_end(ref.id)
+                return handle
+            handle = self._opener(ref)
+            self.opens += 1
+            self._handles[ref.id] = handle
+            while len(self._handles) > self._capacity:
+                _, old = self._handles.popitem(last=False)
+                old.close()
+            return handle
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
+
+
+def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBatch:
+    """Read every cutout of a batch, all bands and planes (runs in a worker thread)."""
+    idx = spec.index
+    n, nb, s = len(idx), len(plan.bands), spec.side
+    image = np.full((n, nb, s, s), np.nan, dtype=np.float32)
+    variance = (
+        np.full((n, nb, s, s), np.nan, dtype=np.float32) if "variance" in plan.planes else None
+    )
+    mask = np.full((n, nb, s, s), NO_DATA, dtype=np.int32) if "mask" in plan.planes else None
+    outs = {"image": image, "variance": variance, "mask": mask}
+    covered = np.zeros(n, dtype=np.float64)
+    dataset_ids = np.full((n, nb), "", dtype=object)
+    files = np.full((n, nb), "", dtype=object)
+
+    crossing = plan.crossing[idx]
+    simple = np.flatnonzero(~crossing)
+    for b, band in enumerate(plan.bands):
+        ref = plan.repo.get(spec.tract, spec.patch, band)
+        if ref is None:
+            continue
+        dataset_ids[:, b] = ref.id
+        files[:, b] = ref.path
+        if simple.size == 0:
+            continue
+        handle = cache.get(ref)
+        ys = plan.y0[idx[simple]] - handle.y0
+        xs = plan.x0[idx[simple]] - handle.x0
+        for plane, arr in outs.items():
+            if arr is not None:
+                handle.read_boxes(plane, simple, ys, xs, s, s, arr[:, b])
+        covered[simple] += s * s
+
+    for k in np.flatnonzero(crossing):
+        i = int(idx[k])
+        bx, by = int(plan.x0[i]), int(plan.y0[i])
+        for piece in plan.pieces(i):
+            ph, pw = piece.y1 - piece.y0, piece.x1 - piece.x0
+            for b, band in enumerate(plan.bands):
+                ref = plan.repo.get(spec.tract, piece.patch, band)
+                if ref is None:
+                    continue
+                handle = cache.get(ref)
+                one = np.zeros(1, dtype=np.int64)
+                ys = np.array([piece.y0 - handle.y0])
+                xs = np.array([piece.x0 - handle.x0])
+                for plane, arr in outs.items():
+                    if arr is None:
+                        continue
+                    tmp = np.empty((1, ph, pw), dtype=arr.dtype)
+                    handle.read_boxes(plane, one, ys, xs, ph, pw, tmp)
+                    arr[k, b, piece.y0 - by : piece.y1 - by, piece.x0 - bx : piece.x1 - bx] = tmp[0]
+                covered[k] += ph * pw
+
+    t = plan.targets
+    crval = np.stack(plan.skymap.tract_centers(plan.tract[idx]), axis=1)
+    return CutoutBatch(
+        index=idx,
+        ids=t.id[idx],
+        ra=t.ra[idx],
+        dec=t.dec[idx],
+        tract=plan.tract[idx],
+        patch=plan.patch[idx],
+        x0=plan.x0[idx],
+        y0=plan.y0[idx],
+        bands=plan.bands,
+        image=image,
+        variance=variance,
+        mask=mask,
+        coverage=covered / (s * s * nb),
+        crval=crval,
+        crpix0=plan.skymap.crpix0,
+        scale_deg=plan.skymap.pixel_scale_deg,
+        dataset_ids=dataset_ids.astype(str),
+        files=files.astype(str),
+    )
