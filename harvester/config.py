@@ -232,8 +232,8 @@ def _build(doc: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
 def _strings(key: str, value: Any) -> list[str]:
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
-        if len(value) == 1 and len(value[0]) > 1:
-            value = list(value[0])  # "griz"
+        if key.endswith(("bands", "rgb")) and len(value) == 1 and len(value[0]) > 1:
+            value = list(value[0])  # "griz" is four bands
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"bad value for {key}: {value!r} (a list of strings)")
     return list(value)

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -45,6 +45,7 @@ __all__ = ["Harvester", "Report", "run"]
 MAX_BATCH_BYTES = 48 * 2**20
 
 ProgressHook = Callable[[int, int], None]
+_G = TypeVar("_G", bound=AsyncIterator[Any])
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Harvester:
         self._repo: Repository | None = None
         self._source: LocalSource | None = None
         self._tg: TaskGroup | None = None
+        self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
         self._repo = await anyio.to_thread.run_sync(load_repository, self.config.repo)
@@ -124,6 +126,8 @@ class Harvester:
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         try:
+            with anyio.CancelScope(shield=True):
+                await self._close_stale()
             assert self._tg is not None
             return await self._tg.__aexit__(*exc)
         except BaseExceptionGroup as group:
@@ -170,12 +174,17 @@ class Harvester:
 
     # ---- running --------------------------------------------------------------
 
-    async def harvest(self, targets: TargetSource | Targets | None = None) -> AsyncIterator[Cutout]:
+    def harvest(self, targets: TargetSource | Targets | None = None) -> AsyncIterator[Cutout]:
         """Yield every target's cutout as it is ready (outputs and ledger written first).
 
         Targets the ledger already has as done are skipped (resume). Order follows
         the work (by patch), not the target list; ``cutout.index`` gives the position.
+        Leaving the loop early stops the harvest; its cleanup runs at the latest when
+        the next harvest starts or the ``async with`` block ends.
         """
+        return self._track(self._cutouts(targets))
+
+    async def _cutouts(self, targets: TargetSource | Targets | None) -> AsyncIterator[Cutout]:
         async for batch in self._batches(targets, _Stats()):
             for cutout in batch:
                 yield cutout
@@ -183,16 +192,28 @@ class Harvester:
     async def run(self, targets: TargetSource | Targets | None = None) -> Report:
         """Harvest everything into the configured outputs; return the report."""
         stats = _Stats()
-        async for _ in self._batches(targets, stats):
+        batches = self._track(self._batches(targets, stats))
+        async for _ in batches:
             pass
         assert stats.report is not None
         return stats.report
+
+    def _track(self, gen: _G) -> _G:
+        # An async generator left by `break` is only finalised when collected; keep it,
+        # so the next harvest (or __aexit__) can close it first, in order.
+        self._open.append(gen)
+        return gen
+
+    async def _close_stale(self, keep: Any = None) -> None:
+        while self._open and self._open[0] is not keep:
+            await self._open.pop(0).aclose()
 
     async def _batches(
         self, targets: TargetSource | Targets | None, stats: _Stats
     ) -> AsyncIterator[CutoutBatch]:
         if self._tg is None or self._source is None:
             raise RuntimeError("use `async with Harvester(config) as h:` first")
+        await self._close_stale(keep=self._open[-1] if self._open else None)
         t0 = time.perf_counter()
         run = await anyio.to_thread.run_sync(_Run.prepare, self, targets)
         send, receive = anyio.create_memory_object_stream[CutoutBatch](1)
@@ -282,6 +303,10 @@ class _Run:
         return run
 
     def _open_sinks(self, out: Path, run_id: int) -> None:
+        # A run killed with -9 can leave temporary files (never final names); drop them.
+        for folder in (out, out / "fits", out / "stack_parts"):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
         formats = set(self.config.formats)
         if "fits" in formats:
             from .sinks.fits import FitsSink
@@ -549,8 +574,9 @@ class _Rows:
 def _invalid_rows(targets: Targets, run_id: int) -> Iterator[tuple[Any, ...]]:
     now = time.time()
     for b in targets.bad:
+        # Keyed by row: an invalid row's id may be empty or the duplicate of a good one.
         yield (
-            b.id or f"<row {b.row}>",
+            f"{b.id or ''}#row{b.row}",
             None,
             b.row,
             None,

@@ -54,6 +54,7 @@ def make_batch(
 ) -> CutoutBatch:
     rng = np.random.default_rng(seed)
     nb = len(bands)
+    assert n > 0
     shape = (n, nb, size, size)
     image = rng.normal(0.0, 30.0, shape).astype(np.float32)
     variance = rng.uniform(1.0, 900.0, shape).astype(np.float32)
@@ -86,8 +87,10 @@ def make_batch(
         scale_deg=SCALE,
         dataset_ids=np.array([[f"dsid-{b}-{i}" for b in bands] for i in range(n)]),
         files=np.array(
-            [[f"deep_coadd/5063/{i}/{b}/deep_coadd_5063_{i}_{b}_" + "p" * 60 for b in bands]
-             for i in range(n)]
+            [
+                [f"deep_coadd/5063/{i}/{b}/deep_coadd_5063_{i}_{b}_" + "p" * 60 for b in bands]
+                for i in range(n)
+            ]
         ),
     )
 
@@ -239,7 +242,8 @@ def test_write_validates_and_needs_open(tmp_path: Path) -> None:
     bad.image = bad.image.astype(np.float64)  # type: ignore[assignment]
     with pytest.raises(ValueError, match="float32"):
         s.write(bad)
-    empty = make_batch(0, size=7)
+    empty = make_batch(1, size=7)
+    empty.index = empty.index[:0]
     assert s.write(empty) == []
     s.close()
     with pytest.raises(RuntimeError):
@@ -298,11 +302,14 @@ def test_safe_filename_properties() -> None:
 
 
 def test_weird_ids_stay_inside(sink: FitsSink, tmp_path: Path) -> None:
-    batch = make_batch(len(WEIRD_IDS), ("g",), 7, ids=WEIRD_IDS)
+    # numpy str arrays drop trailing NULs, so a NUL id is tested with a tail here.
+    ids = [i for i in WEIRD_IDS if not i.endswith("\x00")] + ["a\x00b", "\x00/x"]
+    batch = make_batch(len(ids), ("g",), 7, ids=ids)
+    assert batch.ids.tolist() == ids
     paths = sink.write(batch)
     folder = (tmp_path / "fits").resolve()
-    assert len(set(paths)) == len(WEIRD_IDS)
-    for target_id, rel in zip(WEIRD_IDS, paths, strict=True):
+    assert len(set(paths)) == len(ids)
+    for target_id, rel in zip(ids, paths, strict=True):
         assert rel.startswith("fits/") and rel.endswith(".fits")
         path = (tmp_path / rel).resolve()
         assert path.parent == folder
@@ -394,7 +401,8 @@ CARD_CASES: list[tuple[str, object, str]] = [
     ("S3", "it's", "quote"),
     ("S4", "'" * 40, "only quotes: must continue without splitting pairs"),
     ("S5", "end&", ""),
-    ("S6", "a" * 67 + "&", "ampersand at a piece end"),
+    ("S6", "a" * 66 + "&" + "b" * 10, "ampersand at a piece end"),
+    ("S6B", "a" * 67 + "&", "fills one card exactly: comment dropped"),
     ("S7", ("abc'&" * 50), "long with quotes and ampersands"),
     ("S8", "x" * 68, "c" * 60),
     ("S9", "  leading spaces", ""),
@@ -424,9 +432,12 @@ def test_card_matches_astropy(key: str, value: object, comment: str) -> None:
     elif isinstance(value, str):
         assert got == value.rstrip() or (value == "" and got == "")
     else:
-        assert got == value and type(got) is type(value if not isinstance(value, np.integer)
-                                                  else int(value))
-    if comment and len(comment) < 40:
+        assert got == value and type(got) is type(
+            value if not isinstance(value, np.integer) else int(value)
+        )
+    if key == "S6B":
+        assert len(text) == 80 and header.comments[0] == ""
+    elif comment and len(comment) < 60:
         assert header.comments[0] == comment
     # Fixed format: logical and integer values end in column 30.
     if isinstance(value, bool | int | np.integer) and len(key) <= 8:

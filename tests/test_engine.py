@@ -1,0 +1,457 @@
+"""The harvest engine end to end on a small repository.
+
+Expected pixels come from an independent computation: the whole tract is rebuilt
+here as one mosaic from the repository's files (read with astropy), and every
+cutout is compared with a plain numpy slice of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import h5py
+import matplotlib.image
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import Cutout2D
+from astropy.wcs import WCS
+
+from harvester.config import load_config
+from harvester.engine import Harvester, run
+from harvester.errors import ConfigError, HarvesterError, TargetError
+from harvester.masks import NO_DATA
+from harvester.repo import Repository
+from harvester.skymap import SkyMap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mosaic(tiny_repo: Repository, tiny_skymap: SkyMap) -> dict[str, dict[str, np.ndarray]]:
+    """Per band and plane, the tract as one array covering [-border, dim + border)."""
+    border = tiny_skymap.config.patch_border
+    dim = tiny_skymap.tract_dim + 2 * border
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for band in ("g", "z"):
+        planes = {
+            "IMAGE": np.full((dim, dim), np.nan, np.float32),
+            "VARIANCE": np.full((dim, dim), np.nan, np.float32),
+            "MASK": np.full((dim, dim), NO_DATA, np.int32),
+        }
+        for ref in tiny_repo:
+            if ref.band != band:
+                continue
+            with fits.open(tiny_repo.path_of(ref)) as hdul:
+                for name, arr in planes.items():
+                    h = hdul[name].header
+                    x0, y0 = -h["LTV1"] + border, -h["LTV2"] + border
+                    data = hdul[name].data
+                    arr[y0 : y0 + data.shape[0], x0 : x0 + data.shape[1]] = data
+        out[band] = planes
+    return out
+
+
+def _targets_in_tract(skymap: SkyMap, tract: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Random positions whose home tract is ``tract``, spread over the whole tract."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-0.5, skymap.tract_dim - 0.5, 4 * n)
+    y = rng.uniform(-0.5, skymap.tract_dim - 0.5, 4 * n)
+    ra, dec = skymap.pixel_to_sky(np.full(x.size, tract), x, y)
+    home = skymap.find_tract(ra, dec) == tract
+    ra, dec = ra[home][:n], dec[home][:n]
+    return {"id": np.array([f"s{i}" for i in range(len(ra))]), "ra": ra, "dec": dec}
+
+
+def _config(repo: Repository, out: Path | None, **kw: object) -> object:
+    base = {
+        "repo": repo.root,
+        "bands": "g,z",
+        "size": "30",
+        "formats": "fits,stack",
+        "batch_size": 7,
+    }
+    base.update(kw)
+    return load_config(None, **base).replace(output=out)
+
+
+def _harvest_all(config: object, targets: object) -> dict[str, object]:
+    async def main() -> dict[str, object]:
+        got = {}
+        async with Harvester(config) as h:  # type: ignore[arg-type]
+            async for c in h.harvest(targets):  # type: ignore[arg-type]
+                got[c.id] = (
+                    c.image.copy(),
+                    None if c.mask is None else c.mask.copy(),
+                    None if c.variance is None else c.variance.copy(),
+                    c.xy0,
+                    c.coverage,
+                    c.tract,
+                )
+        return got
+
+    return anyio.run(main)
+
+
+@pytest.mark.parametrize("side", [30, 61, 150, 500])
+def test_pixels_match_numpy_slices_of_the_tract(
+    tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int, mosaic: dict, side: int
+) -> None:
+    """Inside a patch, across patch edges, and off the tract (side 500 > tract)."""
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 40, seed=side)
+    got = _harvest_all(_config(tiny_repo, None, size=str(side)), t)
+    assert len(got) == len(t["id"])
+    border = tiny_skymap.config.patch_border
+    crossed = 0
+    for i, tid in enumerate(t["id"]):
+        image, mask, var, (x0, y0), coverage, tract = got[tid]
+        assert tract == tiny_tract
+        # The tutorial's box: centre = floor(pixel + 0.5), XY0 = centre - side // 2.
+        px, py = WCS(_tract_header(tiny_skymap, tiny_tract)).all_world2pix(
+            t["ra"][i], t["dec"][i], 0
+        )
+        assert (x0, y0) == (
+            int(np.floor(px + 0.5)) - side // 2,
+            int(np.floor(py + 0.5)) - side // 2,
+        )
+        for b, band in enumerate(("g", "z")):
+            want = {}
+            for name in ("IMAGE", "MASK", "VARIANCE"):
+                big = mosaic[band][name]
+                fill = NO_DATA if name == "MASK" else np.nan
+                pad = np.full((side, side), fill, dtype=big.dtype)
+                ya, xa = y0 + border, x0 + border
+                sy0, sx0 = max(ya, 0), max(xa, 0)
+                sy1, sx1 = min(ya + side, big.shape[0]), min(xa + side, big.shape[1])
+                if sy0 < sy1 and sx0 < sx1:
+                    pad[sy0 - ya : sy1 - ya, sx0 - xa : sx1 - xa] = big[sy0:sy1, sx0:sx1]
+                want[name] = pad
+            np.testing.assert_array_equal(image[b], want["IMAGE"])
+            np.testing.assert_array_equal(mask[b], want["MASK"])
+            np.testing.assert_array_equal(var[b], want["VARIANCE"])
+        expected_cov = np.isfinite(image).mean()
+        assert coverage == pytest.approx(expected_cov)
+        box = tiny_skymap.patch_outer_box(int(tiny_skymap.locate(t["ra"][i], t["dec"][i]).patch[0]))
+        crossed += not (
+            box.x0 <= x0 and x0 + side <= box.x1 and box.y0 <= y0 and y0 + side <= box.y1
+        )
+    if side >= 150:
+        assert crossed > 0  # the case under test really happened
+
+
+def _tract_header(skymap: SkyMap, tract: int) -> fits.Header:
+    """The tract WCS from the spec's numbers, written independently of the code."""
+    ra, dec = skymap.tract_center(tract)
+    h = fits.Header()
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CRVAL1"], h["CRVAL2"] = ra, dec
+    h["CRPIX1"] = h["CRPIX2"] = skymap.crpix0 + 1
+    s = skymap.config.pixel_scale_arcsec / 3600
+    h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = -s, 0.0, 0.0, s
+    return h
+
+
+def test_fits_outputs_wcs_and_provenance(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 12, seed=5)
+    report = run(_config(tiny_repo, tmp_path, size="21"), t)  # type: ignore[arg-type]
+    assert report.counts.get("ok", 0) + report.counts.get("partial", 0) == 12
+    tract_wcs = WCS(_tract_header(tiny_skymap, tiny_tract))
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    rows = db.execute("SELECT id, output, x0, y0, status, attempts FROM targets").fetchall()
+    assert len(rows) == 12
+    for tid, output, x0, y0, status, attempts in rows:
+        assert status in ("ok", "partial") and attempts == 1
+        i = list(t["id"]).index(tid)
+        with fits.open(tmp_path / output) as hdul:
+            hdul.verify("exception")
+            assert hdul[0].header["RA"] == pytest.approx(t["ra"][i], abs=0)
+            names = [h.name.upper() for h in hdul[1:]]
+            assert names == ["IMAGE_G", "MASK_G", "VARIANCE_G", "IMAGE_Z", "MASK_Z", "VARIANCE_Z"]
+            for hdu in hdul[1:]:
+                # Each HDU's WCS puts the target where the tract WCS says, minus XY0.
+                x, y = WCS(hdu.header).all_world2pix(t["ra"][i], t["dec"][i], 0)
+                X, Y = tract_wcs.all_world2pix(t["ra"][i], t["dec"][i], 0)
+                assert abs(x - (X - x0)) < 1e-6 and abs(y - (Y - y0)) < 1e-6
+                parent = WCS(hdu.header, key="A").wcs_pix2world(x, y, 0)
+                assert np.allclose(parent, (X, Y), atol=1e-6)
+            # Cutout2D of the source file around the same box gives the same pixels.
+            src = hdul[0].header.get("HIERARCH SOURCE Z FILE")
+            assert src
+            with fits.open(tiny_repo.root / src) as s:
+                sh = s["IMAGE"].header
+                lx, ly = x0 + sh["LTV1"], y0 + sh["LTV2"]
+                if lx >= 0 and ly >= 0 and lx + 21 <= sh["NAXIS1"] and ly + 21 <= sh["NAXIS2"]:
+                    cut = Cutout2D(s["IMAGE"].data, (lx + 10, ly + 10), (21, 21), mode="strict")
+                    np.testing.assert_array_equal(hdul["IMAGE_Z"].data, cut.data)
+
+
+def test_stack_and_grid_outputs(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 30, seed=9)
+    config = _config(tiny_repo, tmp_path / "o", formats="stack,grid", size="25")
+    report = run(config, t)  # type: ignore[arg-type]
+    got = _harvest_all(_config(tiny_repo, None, size="25"), t)
+    stack = tmp_path / "o" / "stack.h5"
+    # Read from another folder: the virtual datasets find their shards relative to stack.h5.
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with h5py.File(stack, "r") as f:
+            assert f["image"].shape == (30, 2, 25, 25)
+            assert f["mask"].dtype == np.int32 and f["variance"].shape == (30, 2, 25, 25)
+            ids = [s.decode() for s in f["id"][...]]
+            assert sorted(ids) == sorted(t["id"])
+            for k, tid in enumerate(ids):
+                np.testing.assert_array_equal(f["image"][k], got[tid][0])
+                assert (int(f["x0"][k]), int(f["y0"][k])) == got[tid][3]
+            assert set(s.decode() for s in f["status"][...]) <= {"ok", "partial"}
+    finally:
+        os.chdir(cwd)
+    pages = sorted((tmp_path / "o").glob("grid-*.png"))
+    assert len(pages) == 2  # 30 stamps, 25 per page
+    img = matplotlib.image.imread(pages[0])
+    assert img.shape[0] > 100 and img.std() > 0
+    assert "grid" in report.outputs
+
+
+def test_each_image_opened_once(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 200, seed=3)
+    report = run(_config(tiny_repo, None, size="11", batch_size=5), t)  # type: ignore[arg-type]
+    homes = set(tiny_skymap.locate(t["ra"], t["dec"]).patch.tolist())
+    assert report.images_opened == 2 * len(homes)  # bands g and z, no box over an edge
+
+
+def test_hostile_ids_stay_inside_output(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 6, seed=1)
+    t["id"] = np.array(["../../etc/x", "a/b", "a_b", "..", "/abs/path", "c\\d"])
+    out = tmp_path / "out"
+    run(_config(tiny_repo, out, formats="fits"), t)  # type: ignore[arg-type]
+    files = list((out / "fits").iterdir())
+    assert len(files) == 6
+    for f in files:
+        assert f.resolve().parent == (out / "fits").resolve()
+    assert not (tmp_path / "etc").exists() and not Path("/abs/path.fits").exists()
+    outputs = (
+        sqlite3.connect(out / "ledger.sqlite").execute("SELECT output FROM targets").fetchall()
+    )
+    assert len({o for (o,) in outputs}) == 6
+
+
+def test_bad_rows_recorded_or_raised(tmp_path: Path, tiny_repo: Repository) -> None:
+    csv = tmp_path / "t.csv"
+    csv.write_text("id,ra,dec\na,53.3,-27.8\nb,abc,-27.8\nc,53.3,95\na,53.3,-27.8\n")
+    out = tmp_path / "out"
+    report = run(_config(tiny_repo, out, formats="stack"), str(csv))  # type: ignore[arg-type]
+    assert report.counts["invalid"] == 3
+    rows = dict(
+        sqlite3.connect(out / "ledger.sqlite")
+        .execute("SELECT row, error FROM targets WHERE status = 'invalid'")
+        .fetchall()
+    )
+    assert "row 2, column 'ra'" in rows[2] and "'abc'" in rows[2]
+    assert "row 3, column 'dec'" in rows[3] and "95" in rows[3]
+    assert "duplicate id" in rows[4]
+    with pytest.raises(TargetError, match="row 2, column 'ra'"):
+        run(_config(tiny_repo, None, on_error="raise"), str(csv))  # type: ignore[arg-type]
+
+
+def test_target_without_data_is_no_coverage(tmp_path: Path, tiny_repo: Repository) -> None:
+    t = {"id": np.array(["far"]), "ra": np.array([200.0]), "dec": np.array([10.0])}
+    report = run(_config(tiny_repo, tmp_path, formats="stack"), t)  # type: ignore[arg-type]
+    assert report.counts == {"no_coverage": 1, "invalid": 0}
+    with h5py.File(tmp_path / "stack.h5") as f:
+        assert np.isnan(f["image"][0]).all() and (f["mask"][0] == NO_DATA).all()
+
+
+def _ledger(path: Path) -> dict[str, str]:
+    db = sqlite3.connect(path / "ledger.sqlite")
+    return dict(db.execute("SELECT id, status FROM targets"))
+
+
+def _stack_by_id(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path / "stack.h5") as f:
+        return {s.decode(): f["image"][k] for k, s in enumerate(f["id"][...])}
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, tiny_repo: Repository) -> None:
+    args = [
+        "--repo",
+        str(tiny_repo.root),
+        "--targets",
+        "random:1500",
+        "--bands",
+        "g,z",
+        "--size",
+        "40",
+        "--formats",
+        "fits,stack",
+        "--batch-size",
+        "10",
+        "--quiet",
+    ]
+    cmd = [sys.executable, "-m", "harvester", "run", *args]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run([*cmd, "--output", str(whole)], check=True, capture_output=True, cwd=ROOT)
+
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(broken)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ledger = broken / "ledger.sqlite"
+    for _ in range(600):  # until some work is recorded, at most ~60 s
+        time.sleep(0.1)
+        if ledger.exists():
+            try:
+                n = sqlite3.connect(ledger).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
+            except sqlite3.OperationalError:
+                continue
+            if n >= 100:
+                break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_ledger(broken))
+    assert 0 < killed_at < 1500, "the kill must land mid-run for this test to mean anything"
+    # Nothing half-written under a final name: every FITS file there opens whole.
+    for f in (broken / "fits").glob("*.fits"):
+        with fits.open(f) as hdul:
+            hdul.verify("exception")
+            assert hdul[-1].data.shape == (40, 40)
+
+    resumed = subprocess.run(
+        [*cmd, "--output", str(broken)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{killed_at} already done" in resumed.stdout or killed_at <= 1500
+    assert _ledger(broken) == _ledger(whole)
+    a, b = _stack_by_id(whole), _stack_by_id(broken)
+    assert a.keys() == b.keys() and len(a) == 1500
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    names = {p.name for p in (whole / "fits").glob("*.fits")}
+    assert names == {p.name for p in (broken / "fits").glob("*.fits")}
+    for name in sorted(names)[:50]:
+        np.testing.assert_array_equal(
+            fits.getdata(whole / "fits" / name, 1), fits.getdata(broken / "fits" / name, 1)
+        )
+    assert not list(broken.rglob("*.tmp"))
+    # A third run has nothing left to do.
+    again = subprocess.run(
+        [*cmd, "--output", str(broken)], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert "0 harvested, 1500 already done" in again.stdout
+
+
+def test_changed_settings_refuse_to_resume(tmp_path: Path, tiny_repo: Repository) -> None:
+    t = {"id": np.array(["a"]), "ra": np.array([53.3]), "dec": np.array([-27.8])}
+    run(_config(tiny_repo, tmp_path, formats="stack"), t)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="size"):
+        run(_config(tiny_repo, tmp_path, formats="stack", size="31"), t)  # type: ignore[arg-type]
+
+
+async def test_async_api_inside_running_loop(
+    tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    """What a notebook does: await the async API in the loop that is already running."""
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 20, seed=2)
+    config = _config(tiny_repo, None)
+    async with Harvester(config) as h:  # type: ignore[arg-type]
+        seen = [c.id async for c in h.harvest(t)]
+        report = await h.run(t)
+    assert sorted(seen) == sorted(t["id"])
+    assert report.processed == 20
+    with pytest.raises(HarvesterError, match="running event loop"):
+        run(config, t)  # type: ignore[arg-type]
+
+
+async def test_leaving_early_and_cancelling_stop_cleanly(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 300, seed=4)
+    config = _config(tiny_repo, tmp_path, formats="fits,stack", batch_size=3)
+    async with Harvester(config) as h:  # type: ignore[arg-type]
+        n = 0
+        async for _ in h.harvest(t):
+            n += 1
+            if n == 10:
+                break
+        with anyio.move_on_after(5):  # a generous bound on a hang, not a speed test
+            with anyio.CancelScope() as scope:
+                count = 0
+                async for _ in h.harvest(t):
+                    count += 1
+                    if count == 20:
+                        scope.cancel()
+        assert not scope.cancelled_caught or count >= 20
+    # Whatever the ledger says is done has its outputs in place, and nothing else.
+    rows = (
+        sqlite3.connect(tmp_path / "ledger.sqlite")
+        .execute("SELECT output FROM targets WHERE status IN ('ok', 'partial')")
+        .fetchall()
+    )
+    assert 10 <= len(rows) < 300
+    for (output,) in rows:
+        assert (tmp_path / output).is_file()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_config_errors_name_key_and_value(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text('[run]\nbands = ["z", "q"]\n')
+    with pytest.raises(ConfigError, match=r"run\.bands.*'q'"):
+        load_config(bad)
+    bad.write_text("[fetch]\nconcurrency = 0\n")
+    with pytest.raises(ConfigError, match="fetch.concurrency: 0"):
+        load_config(bad)
+    bad.write_text("[run]\nsizee = 3\n")
+    with pytest.raises(ConfigError, match="unknown key run.sizee"):
+        load_config(bad)
+    bad.write_text('[run]\nsize = "5kg"\n')
+    with pytest.raises(ConfigError, match="run.size: '5kg'"):
+        load_config(bad)
+    bad.write_text("[run\n")
+    with pytest.raises(ConfigError, match="cannot read the config"):
+        load_config(bad)
+
+
+def test_shipped_configs_load() -> None:
+    for path in (ROOT / "configs").glob("*.toml"):
+        load_config(path)
+
+
+def test_compressed_source_matches_full_decode(
+    tiny_repo_compressed: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    """Tile-by-tile section reads and whole-plane decodes agree with astropy's .data."""
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 400, seed=8)
+    home = tiny_skymap.locate(t["ra"], t["dec"]).patch
+    keep = np.isin(home, [5, 6])
+    t = {k: v[keep] for k, v in t.items()}
+    for batch_size in (1, 500):  # few boxes per call: sections; many: full decode
+        got = _harvest_all(
+            _config(tiny_repo_compressed, None, bands="z", size="9", batch_size=batch_size), t
+        )
+        for tid, (image, _, _, (x0, y0), _, _) in got.items():
+            i = list(t["id"]).index(tid)
+            ref = tiny_repo_compressed.get(tiny_tract, int(home[keep][i]), "z")
+            assert ref is not None
+            with fits.open(tiny_repo_compressed.path_of(ref)) as hdul:
+                h = hdul["IMAGE"].header
+                data = hdul["IMAGE"].data
+                ly, lx = y0 + h["LTV2"], x0 + h["LTV1"]
+                np.testing.assert_array_equal(image[0], data[ly : ly + 9, lx : lx + 9])
