@@ -1,7 +1,13 @@
-"""harvester: async, concurrent cutout harvesting from Rubin-like survey images."""
+"""harvester: async, concurrent cutout harvesting from Rubin-like survey images.
+
+The public API is what this module exports; everything else is internal.
+"""
 
 __version__ = "0.1.0"
 
+from .config import FetchConfig, GridConfig, RunConfig, load_config
+from .cutout import Cutout, CutoutBatch
+from .engine import Harvester, Report, run
 from .errors import (
     ConfigError,
     HarvesterError,
@@ -12,20 +18,35 @@ from .errors import (
 )
 from .repo import DatasetRef, Repository, load_repository
 from .skymap import LSST_CELLS_V1, Placement, SkyMap, SkyMapConfig
+from .targets import BadRow, ColumnNames, Size, Targets, load_targets
 
 __all__ = [
     "LSST_CELLS_V1",
+    "BadRow",
+    "ColumnNames",
     "ConfigError",
+    "Cutout",
+    "CutoutBatch",
     "DatasetRef",
+    "FetchConfig",
+    "GridConfig",
+    "Harvester",
     "HarvesterError",
     "Placement",
+    "Report",
     "Repository",
     "RepositoryError",
+    "RunConfig",
+    "Size",
     "SkyMap",
     "SkyMapConfig",
     "TargetError",
+    "Targets",
     "TransientError",
     "UsageError",
     "__version__",
+    "load_config",
     "load_repository",
+    "load_targets",
+    "run",
 ]
