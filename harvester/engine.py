@@ -18,8 +18,10 @@ only records batches whose outputs are in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,9 +187,12 @@ class Harvester:
         return self._track(self._cutouts(targets))
 
     async def _cutouts(self, targets: TargetSource | Targets | None) -> AsyncIterator[Cutout]:
-        async for batch in self._batches(targets, _Stats()):
-            for cutout in batch:
-                yield cutout
+        # aclosing: `async for` does not close the inner generator when this one is
+        # closed, and asyncio would then finalise it later, racing the next run.
+        async with contextlib.aclosing(self._batches(targets, _Stats())) as batches:
+            async for batch in batches:
+                for cutout in batch:
+                    yield cutout
 
     async def run(self, targets: TargetSource | Targets | None = None) -> Report:
         """Harvest everything into the configured outputs; return the report."""
@@ -210,7 +215,7 @@ class Harvester:
 
     async def _batches(
         self, targets: TargetSource | Targets | None, stats: _Stats
-    ) -> AsyncIterator[CutoutBatch]:
+    ) -> AsyncGenerator[CutoutBatch, None]:
         if self._tg is None or self._source is None:
             raise RuntimeError("use `async with Harvester(config) as h:` first")
         await self._close_stale(keep=self._open[-1] if self._open else None)
@@ -261,6 +266,7 @@ class _Run:
         self.stack: Any = None
         self.processed = 0
         self.failures: list[tuple[str, str]] = []
+        self.lock: Any = None
 
     @classmethod
     def prepare(cls, h: Harvester, source: TargetSource | Targets | None) -> _Run:
@@ -268,14 +274,17 @@ class _Run:
         targets = h.load(source)
         ledger = None
         skipped = 0
+        lock = None
         if config.output is not None:
             config.output.mkdir(parents=True, exist_ok=True)
+            lock = _lock_output(config.output)
             ledger = Ledger(config.output / "ledger.sqlite")
             previous = ledger.settings()
             now = config.output_settings()
             if previous is not None and previous != now:
                 key = next(k for k in now if previous.get(k) != now[k])
                 ledger.close()
+                lock.close()
                 raise ConfigError(
                     f"{config.output} holds a run with {key} = {previous.get(key)!r}, this run "
                     f"has {now[key]!r}; use another output folder or --fresh"
@@ -298,6 +307,7 @@ class _Run:
         plan = make_plan(plan_targets, h.repo, config.bands, side, config.planes)
         run = cls(h, targets, plan, skipped)
         run.ledger = ledger
+        run.lock = lock
         if ledger is not None and config.output is not None:
             run._open_sinks(config.output, ledger.run_id or 0)
         return run
@@ -311,7 +321,9 @@ class _Run:
         if "fits" in formats:
             from .sinks.fits import FitsSink
 
-            self.fits = FitsSink(out, run_info={"HRUN": str(run_id)})
+            self.fits = FitsSink(
+                out, run_info={"HRUN": str(run_id)}, skymap=self.plan.skymap.config.name
+            )
             self.fits.open()
         if formats & {"stack", "grid"}:
             from .sinks.stack import StackSink
@@ -499,6 +511,8 @@ class _Run:
         finally:
             if self.ledger is not None:
                 self.ledger.close()
+            if self.lock is not None:
+                self.lock.close()
         return Report(
             targets=len(self.targets) + len(self.targets.bad),
             counts=counts,
@@ -569,6 +583,21 @@ class _Rows:
         out = np.empty_like(data)
         out[sort] = data
         return out
+
+
+def _lock_output(out: Path) -> Any:
+    """Hold an exclusive lock on the output folder for the run (released on close).
+
+    Two runs writing one ledger and one set of shards at once would corrupt the
+    resume logic, so the second one is refused with a clear error.
+    """
+    handle = open(out / ".harvester.lock", "a")  # noqa: SIM115 (kept open for the run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"{out}: another harvester run is using this output folder") from None
+    return handle
 
 
 def _invalid_rows(targets: Targets, run_id: int) -> Iterator[tuple[Any, ...]]:

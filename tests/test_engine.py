@@ -174,6 +174,8 @@ def test_fits_outputs_wcs_and_provenance(
         with fits.open(tmp_path / output) as hdul:
             hdul.verify("exception")
             assert hdul[0].header["RA"] == pytest.approx(t["ra"][i], abs=0)
+            assert hdul[0].header["SKYMAP"] == "tiny"
+            assert hdul[0].header["TRACT"] == tiny_tract
             names = [h.name.upper() for h in hdul[1:]]
             assert names == ["IMAGE_G", "MASK_G", "VARIANCE_G", "IMAGE_Z", "MASK_Z", "VARIANCE_Z"]
             for hdu in hdul[1:]:

@@ -97,7 +97,7 @@ def safe_filename(target_id: str) -> str:
     >>> safe_filename("agn_0042")
     'agn_0042'
     >>> safe_filename("a/b")
-    'a_b-d2597d2c'
+    'a_b-3ec69c85'
     """
     stem = _LEADING_DOTS.sub("_", _UNSAFE.sub("_", target_id))
     changed = (
