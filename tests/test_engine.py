@@ -457,3 +457,29 @@ def test_compressed_source_matches_full_decode(
                 data = hdul["IMAGE"].data
                 ly, lx = y0 + h["LTV2"], x0 + h["LTV1"]
                 np.testing.assert_array_equal(image[0], data[ly : ly + 9, lx : lx + 9])
+
+
+def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path, tiny_repo: Repository) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "harvester", "run", "--repo", str(tiny_repo.root),
+           "--targets", "random:20000", "--bands", "g,z", "--size", "40", "--formats",
+           "fits,stack", "--batch-size", "10", "--quiet", "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    ledger = out / "ledger.sqlite"
+    for _ in range(600):
+        time.sleep(0.1)
+        try:
+            if sqlite3.connect(ledger).execute("SELECT COUNT(*) FROM targets").fetchone()[0]:
+                break
+        except sqlite3.OperationalError:
+            continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # a guard against a hang, not a speed test
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    rows = sqlite3.connect(ledger).execute(
+        "SELECT output FROM targets WHERE status IN ('ok', 'partial', 'no_coverage')").fetchall()
+    assert 0 < len(rows) < 20000
+    for (output,) in rows:
+        assert (out / output).is_file()
