@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -406,9 +407,8 @@ class _Run:
     def _write(self, result: _Result) -> CutoutBatch | None:
         """Write a batch's outputs, then its ledger rows (runs in a worker thread)."""
         batch = result.batch
-        plan, t = self.plan, self.plan.targets
+        t = self.plan.targets
         rows: list[tuple[Any, ...]] = []
-        run_id = self.ledger.run_id if self.ledger else None
         if batch is not None and len(batch):
             outputs: list[str] | None = None
             part: str | None = None
@@ -417,67 +417,87 @@ class _Run:
                 outputs = self.fits.write(batch)
             if self.stack is not None:
                 part, part_rows = self.stack.write(batch)
-            status = batch.status
             finished = time.time()
-            seconds = finished - result.started
-            for k in range(len(batch)):
-                i = int(batch.index[k])
-                rows.append(
-                    (
-                        str(t.id[i]),
-                        i,
-                        int(t.row[i]),
-                        float(t.ra[i]),
-                        float(t.dec[i]),
-                        int(plan.tract[i]),
-                        int(plan.patch[i]),
-                        int(plan.x0[i]),
-                        int(plan.y0[i]),
-                        int(plan.side[i]),
-                        str(status[k]),
-                        None,
-                        result.attempts,
-                        result.started,
-                        finished,
-                        seconds,
-                        float(batch.coverage[k]),
-                        outputs[k] if outputs else None,
-                        part,
-                        int(part_rows[k]) if part_rows is not None else None,
-                        run_id,
-                    )
-                )
-        for i, error, attempts in result.failures:
-            self.failures.append((str(t.id[i]), error))
-            rows.append(
-                (
-                    str(t.id[i]),
-                    i,
-                    int(t.row[i]),
-                    float(t.ra[i]),
-                    float(t.dec[i]),
-                    int(plan.tract[i]),
-                    int(plan.patch[i]),
-                    int(plan.x0[i]),
-                    int(plan.y0[i]),
-                    int(plan.side[i]),
-                    "failed",
-                    error,
-                    attempts,
-                    result.started,
-                    result.finished,
-                    result.finished - result.started,
-                    None,
-                    None,
-                    None,
-                    None,
-                    run_id,
-                )
+            rows += self._rows(
+                batch.index,
+                batch.status.tolist(),
+                None,
+                result.attempts,
+                result.started,
+                finished,
+                batch.coverage.tolist(),
+                outputs,
+                part,
+                None if part_rows is None else part_rows.tolist(),
+            )
+        if result.failures:
+            idx = np.array([i for i, _, _ in result.failures], dtype=np.int64)
+            errors = [e for _, e, _ in result.failures]
+            self.failures += list(zip(t.id[idx].tolist(), errors, strict=True))
+            rows += self._rows(
+                idx,
+                "failed",
+                errors,
+                [a for _, _, a in result.failures],
+                result.started,
+                result.finished,
+                None,
+                None,
+                None,
+                None,
             )
         if self.ledger is not None and rows:
             self.ledger.record(rows)
         self.processed += len(batch) if batch is not None else 0
         return batch
+
+    def _rows(
+        self,
+        idx: npt.NDArray[np.int64],
+        status: list[str] | str,
+        error: list[str] | None,
+        attempts: list[int] | int,
+        started: float,
+        finished: float,
+        coverage: list[float] | None,
+        outputs: list[str] | None,
+        part: str | None,
+        part_rows: list[int] | None,
+    ) -> list[tuple[Any, ...]]:
+        """Ledger rows for targets ``idx``, built column-wise (no per-target numpy)."""
+        t, plan = self.plan.targets, self.plan
+        n = len(idx)
+
+        def col(value: Any) -> Any:
+            return value if isinstance(value, list) else itertools.repeat(value, n)
+
+        run_id = self.ledger.run_id if self.ledger else None
+        return list(
+            zip(
+                t.id[idx].tolist(),
+                idx.tolist(),
+                t.row[idx].tolist(),
+                t.ra[idx].tolist(),
+                t.dec[idx].tolist(),
+                plan.tract[idx].tolist(),
+                plan.patch[idx].tolist(),
+                plan.x0[idx].tolist(),
+                plan.y0[idx].tolist(),
+                plan.side[idx].tolist(),
+                col(status),
+                col(error),
+                col(attempts),
+                col(started),
+                col(finished),
+                col(finished - started),
+                col(coverage),
+                col(outputs),
+                col(part),
+                col(part_rows),
+                col(run_id),
+                strict=False,  # repeated scalars are endless; lists set the length
+            )
+        )
 
     # ---- the end ----------------------------------------------------------------
 
