@@ -483,3 +483,38 @@ def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path, tiny_repo: Repository) -> 
     assert 0 < len(rows) < 20000
     for (output,) in rows:
         assert (out / output).is_file()
+
+
+def test_unreadable_image_fails_its_targets_only_and_resume_redoes_them(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    import shutil
+
+    from harvester.repo import load_repository
+
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo.root, root)
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 60, seed=11)
+    home = tiny_skymap.locate(t["ra"], t["dec"]).patch
+    broken_patch = int(np.bincount(home).argmax())
+    ref = tiny_repo.get(tiny_tract, broken_patch, "z")
+    assert ref is not None
+    good_bytes = (root / ref.path).read_bytes()
+    (root / ref.path).write_bytes(b"\0" * len(good_bytes))  # same size: the index still loads
+    repo = load_repository(root)
+    out = tmp_path / "out"
+    report = run(_config(repo, out, formats="fits,stack", size="11"), t)  # type: ignore[arg-type]
+    n_broken = int((home == broken_patch).sum())
+    assert report.counts["failed"] == n_broken
+    assert report.counts.get("ok", 0) + report.counts.get("partial", 0) == 60 - n_broken
+    db = sqlite3.connect(out / "ledger.sqlite")
+    for error, attempts in db.execute("SELECT error, attempts FROM targets WHERE "
+                                      "status = 'failed'"):
+        assert Path(ref.path).name in error and attempts == 3  # 1 + fetch.retries
+    (root / ref.path).write_bytes(good_bytes)
+    again = run(_config(repo, out, formats="fits,stack", size="11"), t)  # type: ignore[arg-type]
+    assert again.processed == n_broken and again.skipped == 60 - n_broken
+    assert again.counts.get("failed", 0) == 0
+    # Attempts accumulate across runs: 3 failed + 1 good.
+    assert {a for (a,) in db.execute("SELECT attempts FROM targets WHERE id IN (%s)" % ",".join(
+        "?" * n_broken), [str(i) for i in t["id"][home == broken_patch]])} == {4}
