@@ -36,9 +36,10 @@ from .config import RunConfig
 from .cutout import Cutout, CutoutBatch
 from .errors import ConfigError, HarvesterError
 from .ledger import Ledger
-from .limits import RateLimiter
+from .limits import RateLimiter, RetryPolicy
 from .plan import BatchSpec, Plan, make_plan
 from .repo import Repository, load_repository
+from .sources.base import Source
 from .sources.local import LocalSource
 from .targets import Targets, TargetSource, load_targets
 
@@ -116,13 +117,15 @@ class Harvester:
         self.config = config
         self.progress = progress
         self._repo: Repository | None = None
-        self._source: LocalSource | None = None
+        self._source: Source | None = None
+        # Local reads: OSError is worth a few quick retries, nothing else is.
+        self.retry = RetryPolicy(attempts=1 + config.fetch.retries, base=0.05, cap=1.0, total=60.0)
         self._tg: TaskGroup | None = None
         self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
         self._repo = await anyio.to_thread.run_sync(load_repository, self.config.repo)
-        self._source = LocalSource(self._repo)
+        self._source = LocalSource(self._repo, concurrency=self.config.fetch.concurrency)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -140,7 +143,8 @@ class Harvester:
             raise
         finally:
             if self._source is not None:
-                self._source.close()
+                with anyio.CancelScope(shield=True):
+                    await self._source.aclose()
             self._tg = None
 
     @property
@@ -220,6 +224,7 @@ class Harvester:
         if self._tg is None or self._source is None:
             raise RuntimeError("use `async with Harvester(config) as h:` first")
         await self._close_stale(keep=self._open[-1] if self._open else None)
+        source = self._source
         t0 = time.perf_counter()
         run = await anyio.to_thread.run_sync(_Run.prepare, self, targets)
         send, receive = anyio.create_memory_object_stream[CutoutBatch](1)
@@ -229,7 +234,7 @@ class Harvester:
         async def pipeline() -> None:
             try:
                 with scope:
-                    await run.execute(self._source, send)  # type: ignore[arg-type]
+                    await run.execute(source, send)
             finally:
                 done.set()
 
@@ -244,7 +249,7 @@ class Harvester:
             with anyio.CancelScope(shield=True):
                 await done.wait()
                 stats.report = await anyio.to_thread.run_sync(
-                    run.finish, time.perf_counter() - t0, self._source.cache.opens
+                    run.finish, time.perf_counter() - t0, source.opens
                 )
 
 
@@ -334,11 +339,10 @@ class _Run:
 
     # ---- the stages -------------------------------------------------------------
 
-    async def execute(self, source: LocalSource, out: Any) -> None:
+    async def execute(self, source: Source, out: Any) -> None:
         fetch = self.config.fetch
         specs_send, specs_recv = anyio.create_memory_object_stream[BatchSpec](2 * fetch.concurrency)
         res_send, res_recv = anyio.create_memory_object_stream[_Result](fetch.concurrency)
-        readers = anyio.CapacityLimiter(fetch.concurrency)
         rate = RateLimiter(fetch.rate)
         total = len(self.plan)
         if self.h.progress is not None:
@@ -347,9 +351,7 @@ class _Run:
             tg.start_soon(self._produce, specs_send, rate)
             async with res_send:
                 for _ in range(fetch.concurrency):
-                    tg.start_soon(
-                        self._fetch, source, specs_recv.clone(), res_send.clone(), readers
-                    )
+                    tg.start_soon(self._fetch, source, specs_recv.clone(), res_send.clone())
             specs_recv.close()
             done = 0
             async with res_recv:
@@ -367,39 +369,50 @@ class _Run:
                 await rate.acquire()
                 await send.send(spec)
 
-    async def _fetch(
-        self, source: LocalSource, recv: Any, send: Any, limiter: anyio.CapacityLimiter
-    ) -> None:
+    async def _fetch(self, source: Source, recv: Any, send: Any) -> None:
         async with recv, send:
             async for spec in recv:
-                result = await anyio.to_thread.run_sync(self._read, source, spec, limiter=limiter)
-                await send.send(result)
+                await send.send(await self._read(source, spec))
 
-    def _read(self, source: LocalSource, spec: BatchSpec) -> _Result:
-        """Read a batch with bounded retries; isolate failing targets one by one."""
+    async def _read(self, source: Source, spec: BatchSpec) -> _Result:
+        """Read a batch under the retry policy; isolate failing targets one by one."""
+        policy = self.h.retry
         started = time.time()
+        give_up = time.monotonic() + policy.total
         attempts = 0
-        error: Exception | None = None
-        for attempts in range(1, self.config.fetch.retries + 2):
+        while True:
+            attempts += 1
             try:
-                batch = source.read_batch(self.plan, spec)
+                batch = await source.read(self.plan, spec)
                 return _Result(spec, batch, attempts, started, time.time())
             except (OSError, HarvesterError, ValueError) as exc:
-                error = exc
+                error: Exception = exc
+                if attempts >= policy.attempts or not policy.retryable(exc):
+                    break
+                delay = policy.delay(attempts, exc)
+                if time.monotonic() + delay > give_up:
+                    break
+                await anyio.sleep(delay)
         if len(spec) == 1:
-            idx = int(spec.index[0])
             return _Result(
-                spec, None, attempts, started, time.time(), [(idx, _describe(error), attempts)]
+                spec,
+                None,
+                attempts,
+                started,
+                time.time(),
+                [(int(spec.index[0]), _describe(error), attempts)],
             )
-        # Split: the good targets of a batch must not pay for one bad image region.
+        # Split: the good targets of a batch must not pay for one bad image or box.
         good: list[CutoutBatch] = []
         failures: list[tuple[int, str, int]] = []
         for i in spec.index:
-            one = BatchSpec(spec.tract, spec.patch, spec.side, np.array([i]))
-            r = self._read(source, one)
+            r = await self._read(
+                source, BatchSpec(spec.tract, spec.patch, spec.side, np.array([i]))
+            )
             if r.batch is not None:
                 good.append(r.batch)
-            failures += r.failures
+            # Every attempt counts: the batch's and the target's own.
+            failures += [(k, e, a + attempts) for k, e, a in r.failures]
         return _Result(
             spec, _concat(good) if good else None, attempts, started, time.time(), failures
         )

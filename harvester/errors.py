@@ -45,6 +45,14 @@ class UsageError(HarvesterError):
 
 
 class TransientError(HarvesterError):
-    """A failure that may go away (timeouts, resets, 5xx, 429)."""
+    """A failure that may go away (timeouts, resets, 5xx, 429).
+
+    ``retry_after`` is the server's own advice in seconds (Retry-After or
+    X-RateLimit-Reset), when it gave one.
+    """
 
     retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -8,11 +8,13 @@ apart is what lets a run use many connections yet stay inside a per-minute quota
 from __future__ import annotations
 
 import math
+import random
 import time
+from dataclasses import dataclass
 
 import anyio
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "RetryPolicy"]
 
 
 class RateLimiter:
@@ -52,3 +54,46 @@ class RateLimiter:
 
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate}, burst={self.burst})"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before trying again.
+
+    Retries only errors that say they are retryable (:class:`TransientError`: 429,
+    5xx, resets, timeouts, truncated bodies) and plain ``OSError``; everything else
+    (a 404, a 422, a corrupt file) fails at once. Attempts and total time are both
+    bounded. The delay is exponential with full jitter, unless the error carries the
+    server's own ``retry_after`` (Retry-After, X-RateLimit-Reset), which wins.
+
+    Parameters
+    ----------
+    attempts : int
+        Total attempts, the first included.
+    base, cap : float
+        First backoff and largest backoff, seconds.
+    total : float
+        Give up once this many seconds have passed since the first attempt.
+    jitter : bool
+        Spread delays uniformly over [delay/2, delay]; off in tests for exact sums.
+    """
+
+    attempts: int = 3
+    base: float = 0.2
+    cap: float = 30.0
+    total: float = 300.0
+    jitter: bool = True
+
+    def retryable(self, exc: BaseException) -> bool:
+        flag = getattr(exc, "retryable", None)
+        if flag is not None:
+            return bool(flag)
+        return isinstance(exc, OSError)
+
+    def delay(self, attempt: int, exc: BaseException | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        told = getattr(exc, "retry_after", None)
+        if told is not None:
+            return max(0.0, float(told))
+        d = float(min(self.cap, self.base * 2 ** (attempt - 1)))
+        return d * random.uniform(0.5, 1.0) if self.jitter else d

@@ -44,3 +44,18 @@ async def test_zero_rate_means_no_limit(monkeypatch) -> None:  # type: ignore[no
     for _ in range(100):
         await limiter.acquire()
     assert called == []
+
+
+def test_retry_policy_decisions() -> None:
+    from harvester.errors import RepositoryError, TransientError, UsageError
+    from harvester.limits import RetryPolicy
+
+    p = RetryPolicy(attempts=4, base=0.5, cap=3.0, jitter=False)
+    assert p.retryable(TransientError("503"))
+    assert p.retryable(ConnectionResetError())
+    assert not p.retryable(UsageError("422 no overlap"))
+    assert not p.retryable(RepositoryError("corrupt"))
+    assert [p.delay(a) for a in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert p.delay(1, TransientError("429", retry_after=7.5)) == 7.5
+    jittery = RetryPolicy(base=1.0, jitter=True)
+    assert all(0.5 <= jittery.delay(1) <= 1.0 for _ in range(100))

@@ -23,7 +23,7 @@ from ..masks import NO_DATA
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
 
-__all__ = ["HandleCache", "ImageHandle", "assemble_batch"]
+__all__ = ["HandleCache", "ImageHandle", "Source", "assemble_batch"]
 
 PLANE_HDUS = {"image": "IMAGE", "mask": "MASK", "variance": "VARIANCE"}
 
@@ -53,6 +53,25 @@ class ImageHandle(Protocol):
 
 
 Opener = Callable[[DatasetRef], ImageHandle]
+
+
+class Source(Protocol):
+    """Where a run's pixels come from: local files, an HTTP service, a SODA service.
+
+    ``read`` returns a whole batch or raises; an exception with ``retryable`` true
+    (see :mod:`harvester.errors`) is retried by the engine's policy, anything else
+    fails the batch at once (the engine then retries its targets one by one).
+    """
+
+    name: str
+
+    @property
+    def opens(self) -> int:
+        """How many images were opened (a deferred handle each)."""
+
+    async def read(self, plan: Plan, spec: BatchSpec) -> CutoutBatch: ...
+
+    async def aclose(self) -> None: ...
 
 
 class HandleCache:

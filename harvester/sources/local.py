@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import anyio
 import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
@@ -172,16 +173,30 @@ def open_local(repo: Repository, ref: DatasetRef) -> ImageHandle:
 
 
 class LocalSource:
-    """Reads cutouts from a repository on disk; see the module docstring."""
+    """Reads cutouts from a repository on disk; see the module docstring.
+
+    Reads run in worker threads, at most ``concurrency`` at once.
+    """
 
     name = "local"
 
-    def __init__(self, repo: Repository, cache_capacity: int = 64) -> None:
+    def __init__(self, repo: Repository, concurrency: int = 2, cache_capacity: int = 64) -> None:
         self.repo = repo
         self.cache = HandleCache(lambda ref: open_local(repo, ref), capacity=cache_capacity)
+        self.limiter = anyio.CapacityLimiter(concurrency)
+
+    @property
+    def opens(self) -> int:
+        return self.cache.opens
 
     def read_batch(self, plan: Plan, spec: BatchSpec) -> CutoutBatch:
+        """Read a batch in the calling thread."""
         return assemble_batch(plan, spec, self.cache)
 
-    def close(self) -> None:
+    async def read(self, plan: Plan, spec: BatchSpec) -> CutoutBatch:
+        return await anyio.to_thread.run_sync(
+            assemble_batch, plan, spec, self.cache, limiter=self.limiter
+        )
+
+    async def aclose(self) -> None:
         self.cache.close()
