@@ -114,8 +114,26 @@ def _environment() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_total = int(line.split()[1]) * 1024
+
+    def _git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = {}
+    for name in ("dirty_ratio", "dirty_background_ratio"):
+        with contextlib.suppress(OSError, ValueError):
+            dirty[name] = int(Path(f"/proc/sys/vm/{name}").read_text())
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "harvester_source_sha256": _source_digest(),
+        "harvester_uncommitted_changes": bool(_git("status", "--porcelain", "--", "harvester")),
+        "vm": dirty,
+        "loadavg_at_start": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu,
         "memory_bytes": mem_total,
@@ -128,6 +146,17 @@ def _environment() -> dict[str, Any]:
         "astrocut": astrocut.__version__,
         "harvester": getattr(harvester, "__version__", "?"),
     }
+
+
+def _source_digest() -> str:
+    """Hash of harvester/**/*.py, to tell whether the code changed during the run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "harvester").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _warm_cache(files: list[Path]) -> dict[str, Any]:
@@ -146,6 +175,24 @@ def _warm_cache(files: list[Path]) -> dict[str, Any]:
     return {"files": len(files), "bytes": total, "seconds": time.perf_counter() - t0}
 
 
+def _disk_write_rate(folder: Path, nbytes: int = 2**30) -> dict[str, float]:
+    """Sequential write of ``nbytes`` with fsync: what the disk sustains once the
+    kernel's dirty-page limit is reached (large outputs end up at this rate)."""
+    path = folder / "disk-rate.tmp"
+    block = np.random.default_rng(0).bytes(8 * 2**20)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(nbytes // len(block)):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        dt = time.perf_counter() - t0
+        path.unlink(missing_ok=True)
+    return {"bytes": nbytes, "seconds": dt, "mb_per_s": nbytes / dt / 1e6}
+
+
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -157,7 +204,6 @@ def _rmtree(path: Path) -> None:
 def _config(out: Path, side: int, planes: tuple[str, ...], fmt: str) -> Any:
     from harvester.config import load_config
 
-    # Tuples, not "image"/"stack" strings: see the README note on single names.
     return load_config(
         None,
         repo=str(REPO),
@@ -169,7 +215,9 @@ def _config(out: Path, side: int, planes: tuple[str, ...], fmt: str) -> Any:
     )
 
 
-def engine_once(targets: Any, side: int, planes: tuple[str, ...], fmt: str, tag: str) -> dict:
+def engine_once(
+    targets: Any, side: int, planes: tuple[str, ...], fmt: str, tag: str
+) -> dict[str, Any]:
     from harvester.engine import run
 
     out = WORK / f"engine-{tag}"
@@ -193,7 +241,7 @@ def engine_once(targets: Any, side: int, planes: tuple[str, ...], fmt: str, tag:
 
 def measure_engine(
     targets: Any, side: int, planes: tuple[str, ...], fmt: str, repeat: int
-) -> dict:
+) -> dict[str, Any]:
     runs = [
         engine_once(targets, side, planes, fmt, f"{side}-{len(planes)}-{fmt}")
         for _ in range(repeat)
@@ -202,6 +250,7 @@ def measure_engine(
         if r["processed"] != len(targets):
             raise RuntimeError(f"engine processed {r['processed']} of {len(targets)}: {r}")
     out = _stats([r["wall_s"] for r in runs], len(targets))
+    # Report.seconds as the engine reports it (it leaves out _Run.finish, see README).
     out["report_s"] = [round(r["report_s"], 5) for r in runs]
     out["counts"] = runs[-1]["counts"]
     out["output_bytes"] = runs[-1]["output_bytes"]
@@ -211,15 +260,15 @@ def measure_engine(
 
 def stage_breakdown(
     targets: Any, side: int, planes: tuple[str, ...], fmt: str, profile: bool = False
-) -> dict:
+) -> dict[str, Any]:
     """Serial replay of one engine run in this thread, timing each stage.
 
-    Uses the engine's own stages (``_Run.prepare``, ``_read``, ``_write``, ``finish``)
-    one batch at a time, so it shows where the time goes; with ``profile`` the whole
-    replay runs under cProfile (the real run's work is in worker threads, which
-    cProfile does not see).
+    Uses the engine's own stages (``_Run.prepare``, the local source's batch read,
+    ``_Run._write``, ``_Run.finish``) one batch at a time, so it shows where the time
+    goes; with ``profile`` the whole replay runs under cProfile (the real run's work
+    is in worker threads, which cProfile does not see).
     """
-    from harvester.engine import MAX_BATCH_BYTES, Harvester, _Run
+    from harvester.engine import MAX_BATCH_BYTES, Harvester, _Result, _Run
     from harvester.repo import load_repository
     from harvester.sources.local import LocalSource
 
@@ -258,7 +307,9 @@ def stage_breakdown(
     batches = 0
     for spec in run.plan.batches(config.fetch.batch_size, MAX_BATCH_BYTES):
         t0 = time.perf_counter()
-        result = run._read(source, spec)
+        started = time.time()
+        batch = source.read_batch(run.plan, spec)  # what the engine's read stage runs
+        result = _Result(spec, batch, 1, started, time.time())
         times["read"] += time.perf_counter() - t0
         run._write(result)
         batches += 1
@@ -268,7 +319,7 @@ def stage_breakdown(
     if prof:
         prof.disable()
     total = time.perf_counter() - t_all
-    source.close()
+    source.cache.close()
     _rmtree(out)
     other = total - sum(times.values())
     result_d: dict[str, Any] = {
@@ -378,7 +429,7 @@ def limit_once(jobs: list, planes: tuple[str, ...], arrays: dict[str, np.ndarray
 
 def measure_limit(
     targets: Any, repo: Any, files: MemmapFiles, side: int, planes: tuple[str, ...], repeat: int
-) -> dict:
+) -> dict[str, Any]:
     from harvester.plan import make_plan
 
     plan = make_plan(targets, repo, (BAND,), side, planes)
@@ -458,7 +509,7 @@ def astrocut_once(sample: list, side: int, planes: tuple[str, ...], mode: str, t
 
 def measure_astrocut(
     sample: list, side: int, planes: tuple[str, ...], mode: str, repeat: int
-) -> dict:
+) -> dict[str, Any]:
     tag = f"{side}-{len(planes)}-{mode}"
     astrocut_once(sample[:5], side, planes, mode, tag)  # imports, first-call costs
     times = [astrocut_once(sample, side, planes, mode, tag) for _ in range(repeat)]
@@ -509,14 +560,15 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
-def memory_run(n: int, seed_config: Path) -> dict:
+def memory_run(n: int) -> dict[str, Any]:
     out = WORK / f"memory-{n}"
     _rmtree(out)
     exe = Path(sys.executable).with_name("harvester")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harvester"]
     cmd += [
-        "run", str(seed_config), "--repo", str(REPO), "--targets", f"random:{n}",
-        "--output", str(out), "--bands", BAND, "--size", "50", "--quiet", "--fresh",
+        "run", "--repo", str(REPO), "--targets", f"random:{n}", "--output", str(out),
+        "--bands", BAND, "--size", "50", "--planes", "image", "--formats", "stack",
+        "--quiet", "--fresh",
     ]  # fmt: skip
     usage_file = WORK / f"memory-{n}.rusage.json"
     usage_file.unlink(missing_ok=True)
@@ -591,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    t_start = time.perf_counter()
     quick = args.quick
     repeat = args.repeat or (1 if quick else 3)
     n_stack50 = 10_000 if quick else 100_000
@@ -616,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         f"page cache warmed: {warm['files']} {BAND} files, {warm['bytes'] / 1e9:.2f} GB "
         f"read in {warm['seconds']:.1f} s"
     )
+    disk = _disk_write_rate(WORK)
+    print(f"disk: sequential write with fsync {disk['mb_per_s']:,.0f} MB/s")
     maps = MemmapFiles(repo)
     all_targets = random_targets(repo, f"random:{n_stack50}", args.seed)
 
@@ -634,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "band": BAND,
         "repository": str(REPO.relative_to(ROOT)),
         "warm_cache": warm,
+        "disk_write_fsync": disk,
         "environment": _environment(),
         "combinations": [],
     }
@@ -655,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f" {ast['per_s_median']:,.1f}/s")
         results["combinations"].append(
             {
+                "loadavg_after": list(os.getloadavg()),
                 "output": fmt,
                 "side": side,
                 "planes": list(planes),
@@ -680,8 +737,6 @@ def main(argv: list[str] | None = None) -> int:
     # Memory: fresh `harvester run` subprocesses.
     mem: dict[str, Any] = {"runs": []}
     if not args.no_memory:
-        toml = WORK / "bench_memory.toml"
-        toml.write_text('[run]\nplanes = ["image"]\nformats = ["stack"]\n')
         for n in memory_ns:
             need = n * 50 * 50 * 4 * 1.3 + 1e9
             free = shutil.disk_usage(WORK).free
@@ -690,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                 mem["runs"].append({"n": n, "skipped": f"disk: {free} bytes free"})
                 continue
             print(f"memory run {n:,} targets ...", end="", flush=True)
-            r = memory_run(n, toml)
+            r = memory_run(n)
             print(f" maxrss {r['maxrss_mb']:.0f} MB, {r['per_s_wall']:,.0f}/s wall")
             mem["runs"].append(r)
         ok = [r for r in mem["runs"] if "maxrss_mb" in r]
@@ -699,7 +754,6 @@ def main(argv: list[str] | None = None) -> int:
             mem["growth_anon_mb"] = ok[-1]["peak_rss_anon_mb"] - ok[0]["peak_rss_anon_mb"]
             mem["growth_from_n"] = ok[0]["n"]
             mem["growth_to_n"] = ok[-1]["n"]
-        toml.unlink(missing_ok=True)
     results["memory"] = mem
 
     results["checks"] = checks = _checks(results)
@@ -715,20 +769,31 @@ def main(argv: list[str] | None = None) -> int:
             c["serial_profile"] = stage_breakdown(
                 targets, c["side"], tuple(c["planes"]), c["output"], profile=True
             )
+    results["seconds_total"] = time.perf_counter() - t_start
+    end_digest = _source_digest()
+    results["harvester_source_sha256_at_end"] = end_digest
+    results["harvester_changed_during_run"] = (
+        end_digest != results["environment"]["harvester_source_sha256"]
+    )
+    results["loadavg_at_end"] = list(os.getloadavg())
     _write(args.out, results)
     _print_table(results)
+    if results["harvester_changed_during_run"]:
+        print("WARNING: harvester/ changed during the run; numbers mix two versions")
     print(f"results written to {args.out}")
     return 0
 
 
-def _find(results: dict, fmt: str, side: int, planes: tuple[str, ...]) -> dict | None:
+def _find(
+    results: dict[str, Any], fmt: str, side: int, planes: tuple[str, ...]
+) -> dict[str, Any] | None:
     for c in results["combinations"]:
         if c["output"] == fmt and c["side"] == side and tuple(c["planes"]) == planes:
             return c
     return None
 
 
-def _checks(results: dict) -> list[dict[str, Any]]:
+def _checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     s = _find(results, "stack", 50, ONE)
     if s is not None:
@@ -789,14 +854,14 @@ def _checks(results: dict) -> list[dict[str, Any]]:
     return out
 
 
-def _write(path: Path, results: dict) -> None:
+def _write(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
-def _print_table(results: dict) -> None:
+def _print_table(results: dict[str, Any]) -> None:
     env = results["environment"]
     print()
     print(

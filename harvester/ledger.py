@@ -53,7 +53,6 @@ CREATE TABLE IF NOT EXISTS targets (
     stack_row INTEGER,
     run INTEGER
 );
-CREATE INDEX IF NOT EXISTS targets_status ON targets(status);
 CREATE TABLE IF NOT EXISTS runs (
     run INTEGER PRIMARY KEY AUTOINCREMENT,
     started REAL,
@@ -197,17 +196,10 @@ class Ledger:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def counts(self, ids: npt.NDArray[np.str_] | None = None) -> dict[str, int]:
-        """Targets per status (all of them, or only ``ids``)."""
-        if ids is None:
-            cur = self._db.execute("SELECT status, COUNT(*) FROM targets GROUP BY status")
-            return {s: int(n) for s, n in cur}
-        wanted = set(ids.tolist())
-        out: dict[str, int] = {}
-        for tid, status in self._db.execute("SELECT id, status FROM targets"):
-            if tid in wanted:
-                out[status] = out.get(status, 0) + 1
-        return out
+    def counts(self) -> dict[str, int]:
+        """Targets per status in the ledger (counted by SQLite, not in Python)."""
+        cur = self._db.execute("SELECT status, COUNT(*) FROM targets GROUP BY status")
+        return {s: int(n) for s, n in cur}
 
     def rows(self, status: str | None = None) -> list[LedgerRow]:
         sql = f"SELECT {','.join(_COLUMNS)} FROM targets"
@@ -217,13 +209,26 @@ class Ledger:
             args = (status,)
         return [LedgerRow(*r) for r in self._db.execute(sql + " ORDER BY idx", args)]
 
-    def stack_rows(self) -> list[tuple[str, int, int]]:
-        """(stack_part, stack_row, idx) of every target whose cutout is in the stack."""
+    def stack_parts(self) -> dict[str, npt.NDArray[np.int64]]:
+        """Rows of each stack shard that hold a done target, as sorted arrays.
+
+        Streams the ledger in chunks, so memory is a few bytes per row, not a
+        Python object per row, however many targets there are.
+        """
         cur = self._db.execute(
-            "SELECT stack_part, stack_row, idx FROM targets WHERE stack_part IS NOT NULL "
-            "AND status IN ('ok', 'partial', 'no_coverage') ORDER BY idx"
+            "SELECT stack_part, stack_row FROM targets WHERE stack_part IS NOT NULL "
+            "AND status IN ('ok', 'partial', 'no_coverage') ORDER BY stack_part, stack_row"
         )
-        return [(str(p), int(r), int(i)) for p, r, i in cur]
+        parts: dict[str, list[npt.NDArray[np.int64]]] = {}
+        while chunk := cur.fetchmany(65536):
+            names = [p for p, _ in chunk]
+            rows = np.fromiter((r for _, r in chunk), dtype=np.int64, count=len(chunk))
+            start = 0
+            for i in range(1, len(chunk) + 1):
+                if i == len(chunk) or names[i] != names[start]:
+                    parts.setdefault(names[start], []).append(rows[start:i])
+                    start = i
+        return {p: np.concatenate(v) for p, v in parts.items()}
 
     def close(self) -> None:
         with self._lock:

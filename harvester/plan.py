@@ -30,6 +30,8 @@ __all__ = ["BatchSpec", "Piece", "Plan", "Quote", "make_plan", "split_box"]
 
 IntArray = npt.NDArray[np.int64]
 
+_CHUNK = 1 << 17
+
 #: Cutouts per second the local source sustains for small cutouts on this kind of
 #: machine (benchmarks/README figures); used only for the quote's time estimate.
 LOCAL_CUTOUTS_PER_SECOND = 20_000.0
@@ -107,7 +109,8 @@ class Plan:
     ----------
     targets : Targets
     bands : tuple of str
-    tract, patch, center_x, center_y, side, x0, y0 : int64 (n,)
+    tract, patch, side, x0, y0 : int64 (n,)
+        The centre pixel is ``x0 + side // 2`` (not stored: memory for millions).
     crossing : bool (n,)
         The box leaves the home patch's outer box.
     """
@@ -119,8 +122,6 @@ class Plan:
     planes: tuple[str, ...]
     tract: IntArray
     patch: IntArray
-    center_x: IntArray
-    center_y: IntArray
     side: IntArray
     x0: IntArray
     y0: IntArray
@@ -142,6 +143,7 @@ class Plan:
         key = np.stack([self.tract[order], self.patch[order], self.side[order]], axis=1)
         starts = np.flatnonzero(np.any(np.diff(key, axis=0) != 0, axis=1)) + 1
         bounds = np.concatenate([[0], starts, [n]])
+        del key, starts  # this generator lives as long as the run: keep only `order`
         per_target = 4 * len(self.planes) * len(self.bands)
         for a, b in itertools.pairwise(bounds.tolist()):
             first = order[a]
@@ -223,33 +225,39 @@ def make_plan(
 ) -> Plan:
     """Resolve every target to its home tract, patch and box (one vectorised pass)."""
     skymap = repo.skymap
-    place = skymap.locate(targets.ra, targets.dec)
+    n = len(targets)
     side = np.where(targets.size > 0, targets.size, default_side).astype(np.int64)
-    half = side // 2
-    x0 = place.center_x - half
-    y0 = place.center_y - half
+    cols = {k: np.empty(n, dtype=np.int64) for k in ("tract", "patch", "x0", "y0")}
+    crossing = np.empty(n, dtype=bool)
     size, border = skymap.config.patch_inner, skymap.config.patch_border
-    ox0 = place.patch_x * size - border
-    oy0 = place.patch_y * size - border
-    crossing = (
-        (x0 < ox0)
-        | (y0 < oy0)
-        | (x0 + side > ox0 + size + 2 * border)
-        | (y0 + side > oy0 + size + 2 * border)
-    )
+    # In chunks: the sky map's temporaries for a million positions at once would
+    # outweigh the plan itself.
+    for a in range(0, n, _CHUNK):
+        b = min(a + _CHUNK, n)
+        place = skymap.locate(targets.ra[a:b], targets.dec[a:b])
+        half = side[a:b] // 2
+        ox0 = place.patch_x * size - border
+        oy0 = place.patch_y * size - border
+        x0 = place.center_x - half
+        y0 = place.center_y - half
+        cols["tract"][a:b], cols["patch"][a:b] = place.tract, place.patch
+        cols["x0"][a:b], cols["y0"][a:b] = x0, y0
+        s = side[a:b]
+        crossing[a:b] = (
+            (x0 < ox0) | (y0 < oy0) | (x0 + s > ox0 + size + 2 * border)
+            | (y0 + s > oy0 + size + 2 * border)
+        )
     return Plan(
         targets=targets,
         skymap=skymap,
         repo=repo,
         bands=bands,
         planes=planes,
-        tract=place.tract,
-        patch=place.patch,
-        center_x=place.center_x,
-        center_y=place.center_y,
+        tract=cols["tract"],
+        patch=cols["patch"],
         side=side,
-        x0=x0,
-        y0=y0,
+        x0=cols["x0"],
+        y0=cols["y0"],
         crossing=crossing,
     )
 

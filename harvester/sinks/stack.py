@@ -80,7 +80,9 @@ class StackSink:
         """Write a shard; returns its name and each cutout's row in it."""
         with self._lock:
             seq = next(self._seq)
-        name = f"part-r{self.run_id:04d}-{seq:06d}.h5"
+        h, w = batch.shape
+        # The cutout shape is in the name, so finalize can group shards without opening them.
+        name = f"part-r{self.run_id:04d}-{seq:06d}-{len(batch.bands)}x{h}x{w}.h5"
         path = self.out_dir / PARTS / name
         tmp = path.with_name(f".{name}.tmp")
         try:
@@ -91,6 +93,8 @@ class StackSink:
                 if batch.mask is not None:
                     f.create_dataset("mask", data=batch.mask)
                 f.create_dataset("id", data=batch.ids.astype(object), dtype=h5py.string_dtype())
+                f.create_dataset("status", data=batch.status.astype(object),
+                                 dtype=h5py.string_dtype())
                 f["index"] = batch.index
                 f["ra"], f["dec"] = batch.ra, batch.dec
                 f["tract"], f["patch"] = batch.tract, batch.patch
@@ -106,37 +110,26 @@ class StackSink:
             tmp.unlink(missing_ok=True)
         return name, np.arange(len(batch), dtype=np.int64)
 
-    def finalize(self, rows: list[tuple[str, int, int]], status: dict[int, str]) -> Path | None:
-        """Build ``stack.h5`` over the given (part, row, idx) entries, atomically.
+    def finalize(self, parts: dict[str, npt.NDArray[np.int64]]) -> Path | None:
+        """Build ``stack.h5`` over the given rows of each shard, atomically.
 
-        ``status`` maps target-list positions to their ledger status.
+        ``parts`` maps shard names to the (sorted) rows that hold done targets, as
+        :meth:`harvester.ledger.Ledger.stack_parts` gives them. Each shard is opened
+        once; table columns are copied shard by shard, so memory stays flat.
         """
         final = self.out_dir / STACK
-        if not rows:
+        if not parts:
             final.unlink(missing_ok=True)
             return None
-        by_part: dict[str, list[int]] = defaultdict(list)
-        for part, row, _ in rows:
-            by_part[part].append(row)
-        # Group parts by cutout shape: one virtual dataset per shape.
-        groups: dict[tuple[int, ...], list[tuple[str, npt.NDArray[np.int64]]]] = defaultdict(list)
-        meta: dict[str, tuple[tuple[int, ...], list[str], dict[str, str]]] = {}
-        for part in sorted(by_part):
-            with h5py.File(self.out_dir / PARTS / part, "r") as f:
-                shape = tuple(f["image"].shape[1:])
-                planes = [p for p in ("image", "variance", "mask") if p in f]
-                meta[part] = (
-                    shape,
-                    planes,
-                    {"bands": str(f.attrs["bands"]), "scale_deg": str(f.attrs["scale_deg"])},
-                )
-            groups[shape].append((part, np.unique(np.asarray(by_part[part], dtype=np.int64))))
+        groups: dict[tuple[int, int, int], list[str]] = defaultdict(list)
+        for part in sorted(parts):
+            groups[_shape_of(part)].append(part)
         tmp = final.with_name(f".{STACK}.tmp")
         try:
             with h5py.File(tmp, "w") as out:
-                for shape, parts in sorted(groups.items()):
+                for shape, names in sorted(groups.items()):
                     g = out if len(groups) == 1 else out.create_group(f"{shape[1]}x{shape[2]}")
-                    self._write_group(g, shape, parts, meta, status)
+                    self._write_group(g, shape, [(p, parts[p]) for p in names])
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -145,51 +138,46 @@ class StackSink:
     def _write_group(
         self,
         g: h5py.Group,
-        shape: tuple[int, ...],
+        shape: tuple[int, int, int],
         parts: list[tuple[str, npt.NDArray[np.int64]]],
-        meta: dict[str, tuple[tuple[int, ...], list[str], dict[str, str]]],
-        status: dict[int, str],
     ) -> None:
-        n = sum(len(r) for _, r in parts)
-        planes = meta[parts[0][0]][1]
-        g.attrs["bands"] = meta[parts[0][0]][2]["bands"]
-        g.attrs["planes"] = ",".join(planes)
-        for plane in planes:
-            dtype = np.int32 if plane == "mask" else np.float32
-            layout = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
-            at = 0
-            for part, rows in parts:
-                # Relative to stack.h5's folder: the output folder can be moved whole.
-                src = h5py.VirtualSource(
-                    f"{PARTS}/{part}", plane, shape=(self._part_len(part), *shape)
-                )
-                for a, b in _runs(rows):
-                    layout[at : at + b - a] = src[a:b]
-                    at += b - a
-            g.create_virtual_dataset(plane, layout, fillvalue=np.nan if plane != "mask" else 0)
-        table: dict[str, list[npt.NDArray[np.generic]]] = defaultdict(list)
-        for part, rows in parts:
+        n = sum(len(rows) for _, rows in parts)
+        layouts: dict[str, h5py.VirtualLayout] = {}
+        columns: dict[str, h5py.Dataset] = {}
+        at = 0
+        for k, (part, rows) in enumerate(parts):
             with h5py.File(self.out_dir / PARTS / part, "r") as f:
-                for key in _TABLE:
-                    table[key].append(f[key][...][rows])
-        for key in _TABLE:
-            values = np.concatenate(table[key])
-            if key == "id":
-                g.create_dataset("id", data=values.astype(object), dtype=h5py.string_dtype())
-            else:
-                g.create_dataset(key, data=values)
-        index = np.concatenate(table["index"])
-        g.create_dataset(
-            "status",
-            data=np.array([status.get(int(i), "") for i in index], dtype=object),
-            dtype=h5py.string_dtype(),
-        )
+                if k == 0:
+                    planes = [p for p in ("image", "variance", "mask") if p in f]
+                    for plane in planes:
+                        dtype = np.int32 if plane == "mask" else np.float32
+                        layouts[plane] = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
+                    for key in (*_TABLE, "status"):
+                        dt = h5py.string_dtype() if key in ("id", "status") else f[key].dtype
+                        columns[key] = g.create_dataset(key, shape=(n,), dtype=dt)
+                    g.attrs["bands"] = str(f.attrs["bands"])
+                    g.attrs["planes"] = ",".join(planes)
+                    g.attrs["scale_deg"] = float(f.attrs["scale_deg"])
+                length = int(f["image"].shape[0])
+                for plane, layout in layouts.items():
+                    # Relative to stack.h5's folder: the output folder can be moved whole.
+                    src = h5py.VirtualSource(f"{PARTS}/{part}", plane, shape=(length, *shape))
+                    at_plane = at
+                    for a, b in _runs(rows):
+                        layout[at_plane : at_plane + b - a] = src[a:b]
+                        at_plane += b - a
+                for key, dset in columns.items():
+                    dset[at : at + len(rows)] = f[key][...][rows]
+            at += len(rows)
+        for plane, layout in layouts.items():
+            g.create_virtual_dataset(plane, layout, fillvalue=np.nan if plane != "mask" else 0)
         g.attrs["wcs_header"] = _WCS_TEMPLATE
-        g.attrs["scale_deg"] = float(meta[parts[0][0]][2]["scale_deg"])
 
-    def _part_len(self, part: str) -> int:
-        with h5py.File(self.out_dir / PARTS / part, "r") as f:
-            return int(f["image"].shape[0])
+
+def _shape_of(part: str) -> tuple[int, int, int]:
+    """(bands, H, W) from a shard name ``part-r0001-000004-1x50x50.h5``."""
+    dims = part.rsplit("-", 1)[1].removesuffix(".h5").split("x")
+    return int(dims[0]), int(dims[1]), int(dims[2])
 
 
 _WCS_TEMPLATE = (

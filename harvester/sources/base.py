@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -113,11 +113,12 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
     """Read every cutout of a batch, all bands and planes (runs in a worker thread)."""
     idx = spec.index
     n, nb, s = len(idx), len(plan.bands), spec.side
-    image = np.full((n, nb, s, s), np.nan, dtype=np.float32)
-    variance = (
-        np.full((n, nb, s, s), np.nan, dtype=np.float32) if "variance" in plan.planes else None
-    )
-    mask = np.full((n, nb, s, s), NO_DATA, dtype=np.int32) if "mask" in plan.planes else None
+    # np.empty, not np.full: a box inside its home patch is overwritten whole, so only
+    # missing bands and boxes over an edge are pre-filled with NaN / NO_DATA below.
+    # (Filling every batch cost more than reading it, for large cutouts.)
+    image = np.empty((n, nb, s, s), dtype=np.float32)
+    variance = np.empty((n, nb, s, s), dtype=np.float32) if "variance" in plan.planes else None
+    mask = np.empty((n, nb, s, s), dtype=np.int32) if "mask" in plan.planes else None
     outs = {"image": image, "variance": variance, "mask": mask}
     covered = np.zeros(n, dtype=np.float64)
     dataset_ids = np.full((n, nb), "", dtype=object)
@@ -125,9 +126,13 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
 
     crossing = plan.crossing[idx]
     simple = np.flatnonzero(~crossing)
+    crossed = np.flatnonzero(crossing)
+    for k in crossed:
+        _fill_no_data(outs, (int(k),))
     for b, band in enumerate(plan.bands):
         ref = plan.repo.get(spec.tract, spec.patch, band)
         if ref is None:
+            _fill_no_data(outs, (slice(None), b))
             continue
         dataset_ids[:, b] = ref.id
         files[:, b] = ref.path
@@ -141,7 +146,7 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
                 handle.read_boxes(plane, simple, ys, xs, s, s, arr[:, b])
         covered[simple] += s * s
 
-    for k in np.flatnonzero(crossing):
+    for k in crossed:
         i = int(idx[k])
         bx, by = int(plan.x0[i]), int(plan.y0[i])
         for piece in plan.pieces(i):
@@ -184,3 +189,12 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
         dataset_ids=dataset_ids.astype(str),
         files=files.astype(str),
     )
+
+
+def _fill_no_data(
+    outs: Mapping[str, npt.NDArray[Any] | None], where: tuple[int | slice, ...]
+) -> None:
+    """NaN in image and variance, NO_DATA in the mask, at ``where``."""
+    for plane, arr in outs.items():
+        if arr is not None:
+            arr[where] = NO_DATA if plane == "mask" else np.nan

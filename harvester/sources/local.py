@@ -32,7 +32,8 @@ class MemmapHandle:
     def __init__(self, ref: DatasetRef, path: Path) -> None:
         self.ref = ref
         self.path = path
-        self._planes: dict[str, np.memmap] = {}
+        self._maps: list[np.memmap] = []
+        self._planes: dict[str, npt.NDArray[np.generic]] = {}
         with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             for plane, name in PLANE_HDUS.items():
                 try:
@@ -45,9 +46,12 @@ class MemmapHandle:
                 info = hdul.fileinfo(index)
                 shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
                 dtype = _BITPIX[int(header["BITPIX"])]
-                self._planes[plane] = np.memmap(
+                mm = np.memmap(
                     path, dtype=dtype, mode="r", offset=int(info["datLoc"]), shape=shape
                 )
+                self._maps.append(mm)
+                # Slicing a plain ndarray view skips np.memmap's per-slice bookkeeping.
+                self._planes[plane] = mm.view(np.ndarray)
                 if plane == "image":
                     self.x0, self.y0 = -int(header.get("LTV1", 0)), -int(header.get("LTV2", 0))
                     self.height, self.width = shape
@@ -73,9 +77,10 @@ class MemmapHandle:
             out[r] = mm[y : y + h, x : x + w]
 
     def close(self) -> None:
-        for mm in self._planes.values():
-            mm._mmap.close()  # type: ignore[attr-defined]
         self._planes.clear()
+        for mm in self._maps:
+            mm._mmap.close()  # type: ignore[attr-defined]
+        self._maps.clear()
 
 
 class CompressedHandle:
