@@ -18,6 +18,49 @@ Example (``configs/ecdfs_agn.toml``)::
 
 Relative paths are relative to the current folder (where ``harvester run`` is
 started), like every command-line path.
+
+Remote sources
+--------------
+``run.source`` picks where pixels come from:
+
+``"local"`` (default)
+    the repository folder ``run.repo``.
+``"http"``
+    the image files of a data service (the Rubin Science Platform, or
+    ``harvester serve``), found through discovery, the sky map and SIA/DataLink,
+    read with HTTP range requests (or whole, when that is cheaper).
+``"soda"``
+    the service's SODA cutout endpoint, one request per cutout.
+``"auto"``
+    per image: the cutout service for images with at most
+    ``service.cutouts_per_image`` cutouts, the file otherwise (DMTN-326).
+
+The ``[service]`` section (all keys optional)::
+
+    [service]
+    url = "https://data.lsst.cloud"   # base URL; discovery is {url}/repertoire/discovery
+    dataset = "dp1"                   # dataset label (SIA path, DataLink IDs)
+    token = "..."                     # RSP token; default: env ACCESS_TOKEN, then
+                                      # NUBLADO_TOKEN. Never printed or logged; sent only
+                                      # to URLs under the discovered service prefixes.
+    lookup = "auto"                   # finding images: "index" (the repository
+                                      # extension of `harvester serve`), "sia" (SIA v2
+                                      # queries per patch), "auto" (index if offered)
+    cutout_per_minute = 35            # SODA quota per user (0: none)
+    sia_per_minute = 70               # SIA quota per user (0: none)
+    connections_per_host = 8          # requests in flight per host
+    multirange = "auto"               # multi-range requests: "on", "off", or "auto"
+                                      # (probe each storage host once)
+    timeout_connect = 10.0            # seconds to connect
+    timeout_read = 120.0              # seconds without a byte before giving up
+    cutouts_per_image = 3             # "auto": past this many cutouts, read the file
+    request_cost = 262144             # bytes one extra request is worth: gaps smaller
+                                      # than this are read, not skipped; a whole file
+                                      # is downloaded when cheaper than its ranges
+    cache_mb = 1024                   # image bytes kept in memory between batches
+
+The token is also read from the command line (``--token``), though the
+environment keeps it out of the process list.
 """
 
 from __future__ import annotations
@@ -26,18 +69,20 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
 from .targets import ColumnNames, Size, parse_size
 
-__all__ = ["FetchConfig", "GridConfig", "RunConfig", "load_config"]
+__all__ = ["FetchConfig", "GridConfig", "RunConfig", "ServiceConfig", "load_config"]
 
 FORMATS = ("fits", "stack", "grid")
 PLANES = ("image", "mask", "variance")
 BAND_NAMES = tuple("ugrizy")
+SOURCES = ("local", "http", "soda", "auto")
+TOKEN_ENV = ("ACCESS_TOKEN", "NUBLADO_TOKEN")
 
 
 def _check(key: str, value: object, ok: bool) -> None:
@@ -63,7 +108,7 @@ class FetchConfig:
 
     concurrency: int = 2
     rate: float = 0.0
-    batch_size: int = 512
+    batch_size: int = 2048
     retries: int = 2
 
     def __post_init__(self) -> None:
@@ -94,6 +139,74 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """A remote data service (the RSP, or ``harvester serve``); see the module docstring.
+
+    The token never appears in ``repr`` and is never written anywhere by harvester.
+    """
+
+    url: str = "https://data.lsst.cloud"
+    dataset: str = "dp1"
+    token: str | None = field(default=None, repr=False)
+    lookup: Literal["auto", "index", "sia"] = "auto"
+    cutout_per_minute: float = 35.0
+    sia_per_minute: float = 70.0
+    connections_per_host: int = 8
+    multirange: Literal["auto", "on", "off"] = "auto"
+    timeout_connect: float = 10.0
+    timeout_read: float = 120.0
+    cutouts_per_image: int = 3
+    request_cost: int = 262144
+    cache_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(
+            "service.url",
+            self.url,
+            isinstance(self.url, str) and self.url.startswith(("http://", "https://")),
+        )
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+        ok = isinstance(self.dataset, str) and self.dataset != ""
+        _check("service.dataset", self.dataset, ok)
+        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
+            raise ConfigError("bad value for service.token (a non-empty string)")
+        _check("service.lookup", self.lookup, self.lookup in ("auto", "index", "sia"))
+        _check("service.multirange", self.multirange, self.multirange in ("auto", "on", "off"))
+        for key in ("cutout_per_minute", "sia_per_minute"):
+            value = getattr(self, key)
+            _check(f"service.{key}", value, _number(value) and value >= 0)
+        for key in ("timeout_connect", "timeout_read"):
+            value = getattr(self, key)
+            _check(f"service.{key}", value, _number(value) and value > 0)
+        for key, low in (
+            ("connections_per_host", 1),
+            ("cutouts_per_image", 0),
+            ("request_cost", 0),
+            ("cache_mb", 1),
+        ):
+            value = getattr(self, key)
+            _check(f"service.{key}", value, _integer(value) and value >= low)
+
+    def resolved_token(self) -> str | None:
+        """The token: this config's, else ``$ACCESS_TOKEN``, else ``$NUBLADO_TOKEN``."""
+        if self.token:
+            return self.token.strip()
+        for name in TOKEN_ENV:
+            value = os.environ.get(name, "").strip()
+            if value:
+                return value
+        return None
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a harvest needs to know.
 
@@ -115,6 +228,10 @@ class RunConfig:
         Any of ``fits``, ``stack``, ``grid``; the ledger is always written.
     on_error : "skip" or "raise"
         What a bad target row does: recorded as ``invalid`` and skipped, or stops the run.
+    source : "local", "http", "soda" or "auto"
+        Where pixels come from (see the module docstring).
+    service : ServiceConfig
+        The data service of the remote sources.
     """
 
     repo: Path = Path("data/ecdfs")
@@ -130,6 +247,8 @@ class RunConfig:
     grid: GridConfig = GridConfig()
     max_size: int = 4096
     seed: int = 1
+    source: Literal["local", "http", "soda", "auto"] = "local"
+    service: ServiceConfig = ServiceConfig()
 
     def __post_init__(self) -> None:
         _check(
@@ -144,6 +263,7 @@ class RunConfig:
         _check("run.formats", self.formats, all(f in FORMATS for f in self.formats))
         _check("run.on_error", self.on_error, self.on_error in ("skip", "raise"))
         _check("run.max_size", self.max_size, 1 <= self.max_size <= 100_000)
+        _check("run.source", self.source, self.source in SOURCES)
         if self.grid.rgb is not None:
             missing = [b for b in self.grid.rgb if b not in self.bands]
             _check("grid.rgb", self.grid.rgb, not missing)
@@ -159,7 +279,11 @@ class RunConfig:
             "bands": list(self.bands),
             "size": str(self.size),
             "planes": list(self.planes),
-            "repo": str(self.repo),
+            "repo": (
+                str(self.repo)
+                if self.source == "local"
+                else f"{self.service.url}#{self.service.dataset}"
+            ),
         }
 
 
@@ -192,10 +316,11 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             raise ConfigError(f"{path}: no such config file") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read the config: {exc}") from exc
-    unknown = set(doc) - {"run", "targets", "fetch", "grid"}
+    unknown = set(doc) - {"run", "targets", "fetch", "grid", "service"}
     if unknown:
         raise ConfigError(
-            f"{where}: unknown section [{sorted(unknown)[0]}] (sections: run, targets, fetch, grid)"
+            f"{where}: unknown section [{sorted(unknown)[0]}] "
+            "(sections: run, targets, fetch, grid, service)"
         )
     try:
         return _build(doc, overrides)
@@ -207,7 +332,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
 
 def _build(doc: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
     run = _typed("run", doc.get("run", {}), RunConfig)
-    for key in ("columns", "fetch", "grid"):
+    for key in ("columns", "fetch", "grid", "service"):
         if key in run:
             raise ConfigError(f"unknown key run.{key} (use the [{key}] section)")
     fetch = FetchConfig(**_typed("fetch", doc.get("fetch", {}), FetchConfig))
@@ -216,7 +341,15 @@ def _build(doc: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
         grid_doc["rgb"] = tuple(_strings("grid.rgb", grid_doc["rgb"]))
     grid = GridConfig(**grid_doc)
     columns = ColumnNames(**_typed("targets", doc.get("targets", {}), ColumnNames))
-    values: dict[str, Any] = {"fetch": fetch, "grid": grid, "columns": columns}
+    service_doc = _typed("service", doc.get("service", {}), ServiceConfig)
+    if isinstance(service_doc.get("multirange"), bool):  # `multirange = true` in TOML
+        service_doc["multirange"] = "on" if service_doc["multirange"] else "off"
+    values: dict[str, Any] = {
+        "fetch": fetch,
+        "grid": grid,
+        "columns": columns,
+        "service": ServiceConfig(**service_doc),
+    }
     for key, value in run.items():
         values[key] = _convert(key, value)
     for key, value in overrides.items():
@@ -224,6 +357,9 @@ def _build(doc: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
             continue
         if key in ("concurrency", "rate", "batch_size", "retries"):
             values["fetch"] = dataclasses.replace(values["fetch"], **{key: value})
+        elif key in ("service_url", "token"):
+            name = "url" if key == "service_url" else key
+            values["service"] = dataclasses.replace(values["service"], **{name: value})
         else:
             values[key] = _convert(key, value)
     return RunConfig(**values)

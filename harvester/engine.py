@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import itertools
 import time
@@ -45,8 +47,9 @@ from .targets import Targets, TargetSource, load_targets
 
 __all__ = ["Harvester", "Report", "run"]
 
+_CHUNK = 1 << 17
 #: Largest batch in bytes of pixels; keeps a batch of 300 px cutouts from eating RAM.
-MAX_BATCH_BYTES = 48 * 2**20
+MAX_BATCH_BYTES = 16 * 2**20
 
 ProgressHook = Callable[[int, int], None]
 _G = TypeVar("_G", bound=AsyncIterator[Any])
@@ -118,14 +121,28 @@ class Harvester:
         self.progress = progress
         self._repo: Repository | None = None
         self._source: Source | None = None
-        # Local reads: OSError is worth a few quick retries, nothing else is.
-        self.retry = RetryPolicy(attempts=1 + config.fetch.retries, base=0.05, cap=1.0, total=60.0)
+        # Local reads: OSError is worth a few quick retries, nothing else is. Remote
+        # reads: transient HTTP failures (429, 5xx, resets...) with backoff, bounded.
+        if config.source == "local":
+            self.retry = RetryPolicy(
+                attempts=1 + config.fetch.retries, base=0.05, cap=1.0, total=60.0
+            )
+        else:
+            from .sources.remote import REMOTE_RETRY
+
+            self.retry = REMOTE_RETRY
         self._tg: TaskGroup | None = None
         self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
-        self._repo = await anyio.to_thread.run_sync(load_repository, self.config.repo)
-        self._source = LocalSource(self._repo, concurrency=self.config.fetch.concurrency)
+        if self.config.source == "local":
+            self._repo = await anyio.to_thread.run_sync(load_repository, self.config.repo)
+            self._source = LocalSource(self._repo, concurrency=self.config.fetch.concurrency)
+        else:
+            # A data service: discovery, its repository (index or SIA), the source.
+            from .sources.auto import open_remote
+
+            self._repo, self._source = await open_remote(self.config)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -249,7 +266,7 @@ class Harvester:
             with anyio.CancelScope(shield=True):
                 await done.wait()
                 stats.report = await anyio.to_thread.run_sync(
-                    run.finish, time.perf_counter() - t0, source.opens
+                    run.finish, t0, source.opens
                 )
 
 
@@ -311,6 +328,7 @@ class _Run:
             plan_targets = targets
         side = config.size.pixels(h.repo.skymap)
         plan = make_plan(plan_targets, h.repo, config.bands, side, config.planes)
+        _release_free_memory()
         run = cls(h, targets, plan, skipped)
         run.ledger = ledger
         run.lock = lock
@@ -342,7 +360,7 @@ class _Run:
     async def execute(self, source: Source, out: Any) -> None:
         fetch = self.config.fetch
         specs_send, specs_recv = anyio.create_memory_object_stream[BatchSpec](2 * fetch.concurrency)
-        res_send, res_recv = anyio.create_memory_object_stream[_Result](fetch.concurrency)
+        res_send, res_recv = anyio.create_memory_object_stream[_Result](1)
         rate = RateLimiter(fetch.rate)
         total = len(self.plan)
         if self.h.progress is not None:
@@ -514,7 +532,12 @@ class _Run:
 
     # ---- the end ----------------------------------------------------------------
 
-    def finish(self, seconds: float, opens: int) -> Report:
+    def finish(self, t0: float, opens: int) -> Report:
+        """Close the sinks, build stack.h5 and the grid, close the ledger; the report.
+
+        The time reported runs from the start of the harvest to the end of this,
+        since finishing the outputs is part of the work.
+        """
         outputs: dict[str, str] = {}
         counts: dict[str, int] = {}
         out = self.config.output
@@ -525,9 +548,7 @@ class _Run:
                     self.fits.close()
                     outputs["fits"] = str(out / "fits") + "/"
                 if self.stack is not None:
-                    stack_rows = self.ledger.stack_rows()
-                    status = {r.idx: r.status for r in self.ledger.rows() if r.idx is not None}
-                    path = self.stack.finalize(stack_rows, status)
+                    path = self.stack.finalize(self.ledger.stack_parts())
                     if path is not None and "stack" in self.config.formats:
                         outputs["stack"] = str(path)
                     if path is not None and "grid" in self.config.formats:
@@ -536,8 +557,9 @@ class _Run:
                             outputs["grid"] = f"{pages[0]}" + (
                                 f" (+{len(pages) - 1} pages)" if len(pages) > 1 else ""
                             )
-                counts = self.ledger.counts(self.targets.id)
-                counts["invalid"] = len(self.targets.bad)
+                counts = self.ledger.counts()
+                counts.setdefault("invalid", 0)
+                seconds = time.perf_counter() - t0
                 self.ledger.end_run({"counts": counts, "seconds": seconds})
             else:
                 counts = {"ok": self.processed}
@@ -546,6 +568,7 @@ class _Run:
                 self.ledger.close()
             if self.lock is not None:
                 self.lock.close()
+        seconds = time.perf_counter() - t0
         return Report(
             targets=len(self.targets) + len(self.targets.bad),
             counts=counts,
@@ -616,6 +639,20 @@ class _Rows:
         out = np.empty_like(data)
         out[sort] = data
         return out
+
+
+def _release_free_memory() -> None:
+    """Give the planning temporaries back to the OS (glibc keeps freed heap pages).
+
+    Planning a million targets frees a few hundred MB of short-lived arrays; without
+    this, glibc keeps them in its heaps and the run's resident size stays that much
+    higher for its whole life. A no-op where the C library has no malloc_trim.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _lock_output(out: Path) -> Any:
@@ -708,18 +745,22 @@ def random_targets(repo: Repository, spec: str, seed: int) -> Targets:
         raise ConfigError(f"{repo.root}: the repository is empty")
     sm = repo.skymap
     rng = np.random.default_rng(seed)
-    which = rng.integers(0, len(keys), n)
-    tract = np.array([k[0] for k in keys])[which]
-    patch = np.array([k[1] for k in keys])[which]
+    ra, dec = np.empty(n), np.empty(n)
     size = sm.config.patch_inner
-    px, py = patch % sm.num_patches, patch // sm.num_patches
-    x = px * size + rng.uniform(0, size, n) - 0.5
-    y = py * size + rng.uniform(0, size, n) - 0.5
-    ra, dec = sm.pixel_to_sky(tract, x, y)
+    tracts = np.array([k[0] for k in keys])
+    patches = np.array([k[1] for k in keys])
+    for a in range(0, n, _CHUNK):  # chunks keep temporaries small for millions of targets
+        m = min(_CHUNK, n - a)
+        which = rng.integers(0, len(keys), m)
+        px, py = patches[which] % sm.num_patches, patches[which] // sm.num_patches
+        x = px * size + rng.uniform(0, size, m) - 0.5
+        y = py * size + rng.uniform(0, size, m) - 0.5
+        ra[a : a + m], dec[a : a + m] = sm.pixel_to_sky(tracts[which], x, y)
     # A point near a tract's edge may belong to a neighbouring tract; keep it anyway,
     # it is a fair target (its home is whatever findTract says).
+    digits = len(str(n - 1))
     return Targets(
-        id=np.char.add("t", np.arange(n).astype(str)),
+        id=np.char.add("t", np.arange(n).astype(f"U{digits}")),
         ra=ra,
         dec=dec,
         size=np.zeros(n, dtype=np.int64),
