@@ -11,5 +11,5 @@ def test_all_members_exist_and_are_documented() -> None:
     public = {n for n in dir(harvester) if not n.startswith("_")}
     submodules = {"cli", "config", "cutout", "engine", "errors", "ledger", "limits", "masks",
                   "plan", "progress", "repo", "sinks", "skymap", "sources", "targets",
-                  "wcsheader", "synth"}
+                  "wcsheader", "synth", "service"}
     assert public - submodules == set(harvester.__all__) - {"__version__"}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gzip
 import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,12 +211,32 @@ def build_patch(root: Path, spec: SynthSpec, tract: int, patch: int) -> list[Dat
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            hdus.writeto(tmp, overwrite=True, checksum=False)
+            with _fixed_gzip_time() if spec.compress else contextlib.nullcontext():
+                hdus.writeto(tmp, overwrite=True, checksum=False)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         refs.append(_ref(ident, tract, patch, band_name, rel, path, spec.compress, polygon))
     return refs
+
+
+@contextlib.contextmanager
+def _fixed_gzip_time() -> Iterator[None]:
+    """Make astropy's gzip tiles carry mtime 0 while this process writes a file.
+
+    astropy stores tiles it cannot quantise (a constant tile, e.g. the variance far
+    from sources) with gzip, and ``gzip.compress`` stamps the current time into
+    each header; the same seed would then give different bytes a second later.
+    The swap is scoped to one write in a single-threaded synth worker.
+    """
+    from astropy.io.fits.hdu.compressed import _codecs
+
+    original = _codecs.gzip_compress
+    _codecs.gzip_compress = functools.partial(gzip.compress, mtime=0)
+    try:
+        yield
+    finally:
+        _codecs.gzip_compress = original
 
 
 def _ref(

@@ -1,0 +1,300 @@
+"""The aiohttp application: routes and the middleware stack.
+
+A request passes, outermost first: the recorder (route kind, ``app["received"]``,
+``app["stats"]``, no traceback ever sent), injected latency, the auth front door,
+the quota counter, then fault injection, then the route. That is the RSP's order:
+Gafaelfawr authenticates and counts before the service sees the request, and a
+backend failure happens after both.
+
+Dependency rule: every service module may be imported here; nothing imports this
+module but the package's public surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from ..repo import Repository
+from ._auth import QuotaTracker, authenticate, quota_headers
+from ._datalink import datalink_links
+from ._discovery import discovery, repository_index
+from ._faults import FaultInjector
+from ._files import results_file, store_file
+from ._http import FAULT, FAULT_APPLIED, KIND, add_headers, apply_headers, text_response
+from ._obscore import ObsCoreTable
+from ._results import ResultStore
+from ._settings import QUOTA_SERVICES, SCOPE_IMAGE, ServiceSettings
+from ._sia import sia_availability, sia_capabilities, sia_query
+from ._soda import soda_availability, soda_capabilities, soda_sync
+from ._state import STATE, RequestRecord, ServiceState
+from ._storage import BytesSource, Signer, abort_connection, write_pieces
+
+__all__ = ["ROUTE_KINDS", "create_app"]
+
+log = logging.getLogger("harvester.service")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: (methods, path, handler, route kind).
+_ROUTES: tuple[tuple[tuple[str, ...], str, Handler, str], ...] = (
+    (("GET",), "/repertoire/discovery", discovery, "discovery"),
+    (("GET", "POST"), "/api/sia/{collection}/query", sia_query, "sia"),
+    (("GET",), "/api/sia/{collection}/capabilities", sia_capabilities, "vosi"),
+    (("GET",), "/api/sia/{collection}/availability", sia_availability, "vosi"),
+    (("GET", "POST"), "/api/datalink/links", datalink_links, "datalink"),
+    (("GET", "POST"), "/api/cutout/sync", soda_sync, "cutout"),
+    (("GET",), "/api/cutout/capabilities", soda_capabilities, "vosi"),
+    (("GET",), "/api/cutout/availability", soda_availability, "vosi"),
+    (("GET",), "/api/harvester/repository", repository_index, "repository"),
+    (("GET",), "/_store/{name}", store_file, "storage"),
+    (("GET",), "/_results/{name}", results_file, "results"),
+)
+
+#: Route kinds, for ``app["stats"]`` keys and ``fault_routes``.
+ROUTE_KINDS = (
+    "discovery",
+    "vosi",
+    "sia",
+    "datalink",
+    "cutout",
+    "repository",
+    "storage",
+    "results",
+    "other",
+)
+_KIND_OF: dict[object, str] = {handler: kind for _, _, handler, kind in _ROUTES}
+#: Routes behind the token front door, all with the read:image scope.
+_AUTH_KINDS = frozenset({"sia", "datalink", "cutout", "repository"})
+_USER = web.RequestKey("harvester_user", str)
+
+
+@web.middleware
+async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    kind = _KIND_OF.get(request.match_info.handler, "other")
+    request[KIND] = kind
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        # Router and body-size errors (404, 405, 413): answer them as plain text.
+        resp = web.Response(status=exc.status, text=exc.text or f"{exc.reason}\n")
+        for key in ("Allow",):
+            if key in exc.headers:
+                resp.headers[key] = exc.headers[key]
+    except asyncio.CancelledError:
+        raise
+    except ConnectionError:
+        # The client went away mid-answer; nothing more can be sent.
+        resp = web.Response(status=499)
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        resp = text_response(500, "Error: Internal server error\n")
+    apply_headers(request, resp)
+    fault = request.get(FAULT_APPLIED)
+    status = 0 if fault == "reset" else resp.status
+    state.stats[(kind, status)] += 1
+    if fault:
+        state.fault_counts[(kind, fault)] += 1
+    state.received.append(
+        RequestRecord(
+            method=request.method,
+            path=request.path,
+            query_keys=tuple(request.query.keys()),
+            authorization="Authorization" in request.headers,
+            kind=kind,
+            status=status,
+            fault=fault,
+            time=state.settings.clock(),
+        )
+    )
+    return resp
+
+
+@web.middleware
+async def _latency(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    if request[KIND] in state.settings.fault_routes:
+        delay = state.faults.delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    return await handler(request)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    kind = request[KIND]
+    if kind in _AUTH_KINDS and state.settings.auth:
+        result = authenticate(request, state.settings.tokens, SCOPE_IMAGE, request.host)
+        if result.response is not None:
+            return result.response
+        assert result.user is not None
+        request[_USER] = result.user
+    else:
+        request[_USER] = f"ip-{request.remote}"
+    return await handler(request)
+
+
+@web.middleware
+async def _quota(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    kind = request[KIND]
+    if kind in QUOTA_SERVICES:
+        q = state.quotas.hit(kind, request[_USER], QUOTA_SERVICES[kind])
+        if q is not None:
+            add_headers(request, quota_headers(q))
+            if not q.allowed:
+                return text_response(
+                    429, f"Rate limit ({q.limit} per minute) exceeded for {q.resource}\n"
+                )
+    return await handler(request)
+
+
+@web.middleware
+async def _faults(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    if request[KIND] not in state.settings.fault_routes:
+        return await handler(request)
+    fault = state.faults.draw()
+    if fault == "500":
+        request[FAULT_APPLIED] = fault
+        return text_response(500, "Error: Injected fault (500)\n")
+    if fault == "503":
+        request[FAULT_APPLIED] = fault
+        return text_response(
+            503, "ServiceUnavailable: Injected fault (503)\n", headers={"Retry-After": "1"}
+        )
+    if fault == "reset":
+        request[FAULT_APPLIED] = fault
+        abort_connection(request)
+        return web.Response(status=500)
+    if fault is not None:
+        request[FAULT] = fault
+    resp = await handler(request)
+    if (
+        fault is not None
+        and isinstance(resp, web.Response)
+        and not resp.prepared
+        and 200 <= resp.status < 300
+        and isinstance(resp.body, bytes)
+        and resp.body
+    ):
+        return await _stream_with_fault(request, resp, resp.body, state.settings)
+    return resp
+
+
+async def _stream_with_fault(
+    request: web.Request, resp: web.Response, body: bytes, settings: ServiceSettings
+) -> web.StreamResponse:
+    stream = web.StreamResponse(status=resp.status, reason=resp.reason)
+    for key, value in resp.headers.items():
+        if key.lower() not in ("content-length", "transfer-encoding"):
+            stream.headers.add(key, value)
+    stream.content_length = len(body)
+    apply_headers(request, stream)
+    await stream.prepare(request)
+    if request.method != "HEAD":
+        await write_pieces(
+            request,
+            stream,
+            BytesSource(body),
+            [(0, len(body))],
+            len(body),
+            settings.slow_body_seconds,
+        )
+    return stream
+
+
+async def _sweep(state: ServiceState, every: float = 30.0) -> None:
+    while True:
+        await asyncio.sleep(every)
+        state.results.purge()
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.executor = ThreadPoolExecutor(
+        max_workers=state.settings.cutout_workers, thread_name_prefix="harvester-cutout"
+    )
+    sweeper = asyncio.create_task(_sweep(state))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        state.executor.shutdown(wait=False, cancel_futures=True)
+        state.executor = None
+
+
+def create_app(repo: Repository, settings: ServiceSettings | None = None) -> web.Application:
+    """The data service for a repository, as an :class:`aiohttp.web.Application`.
+
+    Parameters
+    ----------
+    repo : Repository
+        The loaded repository to serve (see :func:`harvester.load_repository`).
+    settings : ServiceSettings, optional
+        Defaults to ``ServiceSettings()`` (which needs tokens, or ``auth=False``).
+
+    Returns
+    -------
+    aiohttp.web.Application
+        With ``app["received"]`` (a bounded deque of
+        :class:`~harvester.service.RequestRecord`), ``app["stats"]`` (a
+        ``Counter`` of ``(route kind, status)``; status 0 for a reset connection),
+        ``app["faults"]`` (a ``Counter`` of ``(route kind, fault)``) and
+        ``app["state"]``.
+
+    Raises
+    ------
+    harvester.errors.ConfigError
+        If authentication is on and no token is configured.
+    """
+    settings = settings or ServiceSettings()
+    settings.check_startable()
+    state = ServiceState(
+        settings=settings,
+        repo=repo,
+        table=ObsCoreTable.build(repo, settings.dataset),
+        signer=Signer(settings.secret or secrets.token_bytes(32), settings.clock),
+        quotas=QuotaTracker(settings.quotas, settings.quota_window, settings.clock),
+        faults=FaultInjector(
+            settings.fault_rate,
+            settings.faults,
+            settings.latency_ms,
+            settings.jitter_ms,
+            settings.seed,
+        ),
+        results=ResultStore(settings.clock, settings.max_results, settings.max_result_bytes),
+        received=deque(maxlen=settings.received_maxlen),
+    )
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[_record, _latency, _auth, _quota, _faults],
+    )
+    app[STATE] = state
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        app["state"] = state
+        app["settings"] = settings
+        app["received"] = state.received
+        app["stats"] = state.stats
+        app["faults"] = state.fault_counts
+    for methods, path, handler, _ in _ROUTES:
+        for method in methods:
+            if method == "GET":
+                app.router.add_get(path, handler)  # and HEAD
+            else:
+                app.router.add_route(method, path, handler)
+    app.cleanup_ctx.append(_lifecycle)
+    return app

@@ -1,0 +1,107 @@
+"""Repertoire discovery (``/repertoire/discovery``) and the repository extension.
+
+``GET /api/harvester/repository`` is **not an RSP service**: it gives the harvester
+client the repository index (sky map and datasets with their polygons) so that a
+run can plan without SIA. It needs a ``read:image`` token. Schema::
+
+    {
+      "format": "harvester-service-repository", "version": 1,
+      "dataset": "dp1",
+      "skymap": {<harvester.skymap.SkyMapConfig fields>},
+      "datasets": [
+        {"id": "<uuid>", "dataset_type": "deep_coadd", "tract": 5063, "patch": 14,
+         "band": "r", "size": 123456, "compressed": false,
+         "polygon": [[ra, dec], [ra, dec], [ra, dec], [ra, dec]],
+         "obs_publisher_did": "ivo://org.rubinobs/usdac/lsst-dp1?repo=dp1&id=<uuid>",
+         "access_url": "<base>/api/datalink/links?ID=ivo%3A..."}, ...
+      ]
+    }
+
+Dependency rule: the service's leaf modules; no other route.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from ._ids import datalink_url, publisher_did
+from ._state import STATE
+
+__all__ = ["REPOSITORY_FORMAT", "discovery", "discovery_document", "repository_index"]
+
+REPOSITORY_FORMAT = "harvester-service-repository"
+
+
+def discovery_document(base: str, dataset: str) -> dict[str, Any]:
+    """The Repertoire document (§1.2 of the protocol notes) for this server."""
+    return {
+        "datasets": {
+            dataset: {
+                "services": {
+                    "cutout": {
+                        "url": f"{base}/api/cutout",
+                        "versions": {
+                            "soda-sync-1.0": {
+                                "url": f"{base}/api/cutout/sync",
+                                "ivoa_standard_id": "ivo://ivoa.net/std/SODA#sync-1.0",
+                            }
+                        },
+                    },
+                    "datalink": {
+                        "url": f"{base}/api/datalink",
+                        "versions": {"datalink-links-1.1": {"url": f"{base}/api/datalink/links"}},
+                    },
+                    "sia": {
+                        "url": f"{base}/api/sia/{dataset}",
+                        "versions": {"sia-query-2.0": {"url": f"{base}/api/sia/{dataset}/query"}},
+                    },
+                    "harvester": {
+                        "url": f"{base}/api/harvester",
+                        "versions": {"repository-1": {"url": f"{base}/api/harvester/repository"}},
+                    },
+                }
+            }
+        },
+        "services": {"internal": {}, "ui": {}},
+        "influxdb_databases": {},
+    }
+
+
+async def discovery(request: web.Request) -> web.StreamResponse:
+    """``GET /repertoire/discovery`` (anonymous, CORS open)."""
+    state = request.app[STATE]
+    doc = discovery_document(state.base_url(request), state.settings.dataset)
+    return web.json_response(doc, headers={"Access-Control-Allow-Origin": "*"})
+
+
+async def repository_index(request: web.Request) -> web.StreamResponse:
+    """``GET /api/harvester/repository`` (extension; ``read:image``)."""
+    state = request.app[STATE]
+    base = state.base_url(request)
+    dataset = state.settings.dataset
+    doc = {
+        "format": REPOSITORY_FORMAT,
+        "version": 1,
+        "dataset": dataset,
+        "skymap": asdict(state.repo.skymap.config),
+        "datasets": [
+            {
+                "id": ref.id,
+                "dataset_type": ref.dataset_type,
+                "tract": ref.tract,
+                "patch": ref.patch,
+                "band": ref.band,
+                "size": ref.size,
+                "compressed": ref.compressed,
+                "polygon": [list(p) for p in ref.polygon],
+                "obs_publisher_did": publisher_did(dataset, ref.id),
+                "access_url": datalink_url(base, dataset, ref.id),
+            }
+            for ref in state.table.index.refs
+        ],
+    }
+    return web.Response(text=json.dumps(doc), content_type="application/json")

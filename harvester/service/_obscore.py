@@ -1,0 +1,295 @@
+"""DP1 ObsCore records of a repository's datasets (``dax_obscore`` ``configs/dp1.yaml``).
+
+The per-dataset numbers (centre, field of view, region, pixel counts) are computed
+once, vectorised, when the application is built; a query then selects rows by
+mask and renders only those.
+
+Dependency rule: numpy, :mod:`harvester.repo` and the service's own ids, geometry
+and votable modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..repo import Repository
+from ._geometry import PolygonSet
+from ._ids import DatasetIndex, datalink_url, publisher_did
+from ._votable import Field, td
+
+__all__ = [
+    "FIELDS",
+    "SPECTRAL_RANGES",
+    "ObsCoreTable",
+]
+
+#: Band -> (em_min, em_max) in metres (``dp1.yaml`` ``spectral_ranges``).
+SPECTRAL_RANGES: dict[str, tuple[float, float]] = {
+    "u": (300.0e-9, 393.2e-9),
+    "g": (402.6e-9, 548.3e-9),
+    "r": (551.0e-9, 689.1e-9),
+    "i": (693.6e-9, 818.8e-9),
+    "z": (819.2e-9, 920.1e-9),
+    "y": (927.8e-9, 1100.0e-9),
+}
+
+_LONG_NULL = "-9223372036854775808"
+_INT_NULL = "-2147483648"
+_SHORT_NULL = "-32768"
+
+
+def _f(name: str, datatype: str, ucd: str, utype: str, unit: str | None = None, **kw: str) -> Field:
+    arraysize = "*" if datatype == "char" else None
+    null = {"long": _LONG_NULL, "int": _INT_NULL, "short": _SHORT_NULL}.get(datatype)
+    return Field(
+        name, datatype, ucd=ucd, utype=utype, unit=unit, arraysize=arraysize, null=null, **kw
+    )
+
+
+#: The column order of ``daf_butler``'s ObsCore schema: static columns, the DP1
+#: extra columns, then the spatial plugin's columns.
+FIELDS: tuple[Field, ...] = (
+    _f("dataproduct_type", "char", "meta.code.class", "obscore:ObsDataset.dataProductType"),
+    _f("dataproduct_subtype", "char", "meta.code.class", "obscore:ObsDataset.dataProductSubtype"),
+    _f("facility_name", "char", "meta.id;instr.tel", "obscore:Provenance.ObsConfig.Facility.name"),
+    _f("calib_level", "short", "meta.code;obs.calib", "obscore:ObsDataset.calibLevel"),
+    _f("target_name", "char", "meta.id;src", "obscore:Target.name"),
+    _f("obs_id", "char", "meta.id", "obscore:DataID.observationID"),
+    _f("obs_collection", "char", "meta.id", "obscore:DataID.collection"),
+    _f("obs_publisher_did", "char", "meta.ref.ivoid", "obscore:Curation.publisherDID"),
+    _f("access_url", "char", "meta.ref.url", "obscore:Access.reference"),
+    _f("access_format", "char", "meta.code.mime", "obscore:Access.format"),
+    _f(
+        "s_resolution",
+        "double",
+        "pos.angResolution",
+        "obscore:Char.SpatialAxis.Resolution.Refval.value",
+        "arcsec",
+    ),
+    _f("s_xel1", "long", "meta.number", "obscore:Char.SpatialAxis.numBins1"),
+    _f("s_xel2", "long", "meta.number", "obscore:Char.SpatialAxis.numBins2"),
+    _f("t_xel", "long", "meta.number", "obscore:Char.TimeAxis.numBins"),
+    _f(
+        "t_min",
+        "double",
+        "time.start;obs.exposure",
+        "obscore:Char.TimeAxis.Coverage.Bounds.Limits.StartTime",
+        "d",
+        ref="timesys",
+    ),
+    _f(
+        "t_max",
+        "double",
+        "time.end;obs.exposure",
+        "obscore:Char.TimeAxis.Coverage.Bounds.Limits.StopTime",
+        "d",
+        ref="timesys",
+    ),
+    _f(
+        "t_exptime",
+        "double",
+        "time.duration;obs.exposure",
+        "obscore:Char.TimeAxis.Coverage.Support.Extent",
+        "s",
+    ),
+    _f(
+        "t_resolution",
+        "double",
+        "time.resolution",
+        "obscore:Char.TimeAxis.Resolution.Refval.value",
+        "s",
+    ),
+    _f("em_xel", "long", "meta.number", "obscore:Char.SpectralAxis.numBins"),
+    _f(
+        "em_min",
+        "double",
+        "em.wl;stat.min",
+        "obscore:Char.SpectralAxis.Coverage.Bounds.Limits.LoLimit",
+        "m",
+    ),
+    _f(
+        "em_max",
+        "double",
+        "em.wl;stat.max",
+        "obscore:Char.SpectralAxis.Coverage.Bounds.Limits.HiLimit",
+        "m",
+    ),
+    _f(
+        "em_res_power",
+        "double",
+        "spect.resolution",
+        "obscore:Char.SpectralAxis.Resolution.ResolPower.refVal",
+    ),
+    _f("em_filter_name", "char", "instr.filter", "obscore:Char.SpectralAxis.Coverage.BandName"),
+    _f("o_ucd", "char", "meta.ucd", "obscore:Char.ObservableAxis.ucd"),
+    _f("pol_xel", "long", "meta.number", "obscore:Char.PolarizationAxis.numBins"),
+    _f("instrument_name", "char", "meta.id;instr", "obscore:Provenance.ObsConfig.Instrument.name"),
+    _f(
+        "lsst_visit",
+        "long",
+        "meta.id;obs",
+        "lsst:visit",
+        description="Visit or exposure identifier",
+    ),
+    _f(
+        "lsst_detector", "long", "meta.id;instr.det", "lsst:detector", description="Detector number"
+    ),
+    _f("lsst_tract", "long", "meta.id", "lsst:tract", description="Tract within a skymap"),
+    _f("lsst_patch", "long", "meta.id", "lsst:patch", description="Patch within a tract"),
+    _f("lsst_band", "char", "instr.bandpass", "lsst:band", description="Wavelength band"),
+    _f("lsst_filter", "char", "instr.filter", "lsst:filter", description="Physical filter"),
+    _f("obs_title", "char", "meta.title;obs", "obscore:DataID.Title"),
+    _f(
+        "s_ra",
+        "double",
+        "pos.eq.ra",
+        "obscore:Char.SpatialAxis.Coverage.Location.Coord.Position2D.Value2.C1",
+        "deg",
+        ref="coosys",
+    ),
+    _f(
+        "s_dec",
+        "double",
+        "pos.eq.dec",
+        "obscore:Char.SpatialAxis.Coverage.Location.Coord.Position2D.Value2.C2",
+        "deg",
+        ref="coosys",
+    ),
+    _f(
+        "s_fov",
+        "double",
+        "phys.angSize;instr.fov",
+        "obscore:Char.SpatialAxis.Coverage.Bounds.Extent.diameter",
+        "deg",
+    ),
+    _f(
+        "s_region",
+        "char",
+        "pos.outline;obs.field",
+        "obscore:Char.SpatialAxis.Coverage.Support.Area",
+        ref="coosys",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ObsCoreTable:
+    """The ObsCore rows of every dataset, as column arrays.
+
+    Attributes
+    ----------
+    index : DatasetIndex
+    polygons : PolygonSet
+    em_min, em_max : ndarray
+        Spectral range of each dataset's band (NaN for unknown bands).
+    calib_level : ndarray of int
+    subtype : tuple of str
+        ``dataproduct_subtype`` (``lsst.<dataset type>``) of each dataset.
+    """
+
+    index: DatasetIndex
+    polygons: PolygonSet
+    s_ra: npt.NDArray[np.float64]
+    s_dec: npt.NDArray[np.float64]
+    s_fov: npt.NDArray[np.float64]
+    em_min: npt.NDArray[np.float64]
+    em_max: npt.NDArray[np.float64]
+    calib_level: npt.NDArray[np.int64]
+    subtype: tuple[str, ...]
+    static_cells: tuple[tuple[str, str, str], ...]
+    skymap_name: str
+
+    @classmethod
+    def build(cls, repo: Repository, dataset: str) -> ObsCoreTable:
+        """Compute every dataset's ObsCore numbers (no I/O)."""
+        index = DatasetIndex.build(dataset, repo)
+        refs = index.refs
+        polys = np.array([ref.polygon for ref in refs], dtype=float)
+        polygons = PolygonSet.from_radec(polys if len(refs) else np.zeros((0, 4, 2)))
+        s_ra, s_dec = polygons.centers_radec()
+        s_fov = 2.0 * np.degrees(polygons.radii)
+        em = np.array([SPECTRAL_RANGES.get(ref.band, (math.nan, math.nan)) for ref in refs])
+        em = em.reshape(len(refs), 2)
+        side = repo.skymap.config.patch_inner + 2 * repo.skymap.config.patch_border
+        collection = f"LSST.{dataset.upper()}"
+        skymap_name = repo.skymap.config.name
+        cells = []
+        for ref in refs:
+            # Cells before access_url and after it; the URL depends on the base URL.
+            region = " ".join(f"{ra:.6f} {dec:.6f}" for ra, dec in ref.polygon)
+            head = "".join(
+                [
+                    td("image"),
+                    td(f"lsst.{ref.dataset_type}"),
+                    td("Rubin:Simonyi"),
+                    td(3),
+                    td(None),
+                    td(f"{skymap_name}-{ref.tract}-{ref.patch}"),
+                    td(collection),
+                    td(publisher_did(dataset, ref.id)),
+                ]
+            )
+            em_min, em_max = SPECTRAL_RANGES.get(ref.band, (math.nan, math.nan))
+            tail = "".join(
+                [
+                    td("application/x-votable+xml;content=datalink"),
+                    td(None),
+                    td(side),
+                    td(side),
+                    td(None),
+                    td(None),
+                    td(None),
+                    td(None),
+                    td(None),
+                    td(None),
+                    td(em_min),
+                    td(em_max),
+                    td(None),
+                    td(ref.band),
+                    td("phot.flux.density"),
+                    td(None),
+                    td("LSSTComCam"),
+                    td(None),
+                    td(None),
+                    td(ref.tract),
+                    td(ref.patch),
+                    td(ref.band),
+                    td(None),
+                    td(f"{ref.dataset_type} - {ref.band} - tract={ref.tract} patch={ref.patch}"),
+                ]
+            )
+            cells.append((head, tail, td(f"POLYGON ICRS {region}")))
+        calib = np.full(len(refs), 3, dtype=np.int64)
+        return cls(
+            index,
+            polygons,
+            s_ra,
+            s_dec,
+            s_fov,
+            em[:, 0] if len(refs) else np.zeros(0),
+            em[:, 1] if len(refs) else np.zeros(0),
+            calib,
+            tuple(f"lsst.{ref.dataset_type}" for ref in refs),
+            tuple(cells),
+            skymap_name,
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, base_url: str, selected: Sequence[int]) -> str:
+        """``TR`` elements of the selected datasets."""
+        out = []
+        dataset = self.index.dataset
+        for i in selected:
+            head, tail, region = self.static_cells[i]
+            ref = self.index.refs[i]
+            spatial = td(float(self.s_ra[i])) + td(float(self.s_dec[i])) + td(float(self.s_fov[i]))
+            url = td(datalink_url(base_url, dataset, ref.id))
+            out.append(f"<TR>{head}{url}{tail}{spatial}{region}</TR>\n")
+        return "".join(out)

@@ -1,0 +1,67 @@
+"""Run the service in the foreground (the ``harvester serve`` command).
+
+Dependency rule: :mod:`._app` and :mod:`._state` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+
+from ..repo import Repository
+from ._app import create_app
+from ._settings import ServiceSettings
+from ._state import STATE
+
+__all__ = ["run_server"]
+
+
+async def _serve_forever(
+    repo: Repository,
+    settings: ServiceSettings,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None,
+) -> None:
+    app = create_app(repo, settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        url = f"http://{shown}:{bound_port}"
+        if bound_host not in ("0.0.0.0", "::"):
+            app[STATE].bound_url = url
+        if ready is not None:
+            ready(settings.base_url or url)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_server(
+    repo: Repository,
+    settings: ServiceSettings,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``repo`` until interrupted (KeyboardInterrupt propagates).
+
+    Parameters
+    ----------
+    repo : Repository
+    settings : ServiceSettings
+    host, port : str, int
+        Where to listen; port 0 picks a free one.
+    ready : callable, optional
+        Called with the base URL once the server listens.
+    """
+    settings.check_startable()
+    asyncio.run(_serve_forever(repo, settings, host, port, ready))

@@ -1,0 +1,321 @@
+"""Settings of the data service: one frozen value object, plus parsers for the CLI.
+
+Dependency rule: standard library and :mod:`harvester.errors` only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "DATA_ROUTES",
+    "DEFAULT_QUOTAS",
+    "FAULT_KINDS",
+    "QUOTA_SERVICES",
+    "SCOPE_IMAGE",
+    "SCOPE_TAP",
+    "ServiceSettings",
+    "load_tokens_file",
+    "parse_faults",
+    "parse_quota",
+    "parse_tokens",
+]
+
+SCOPE_IMAGE = "read:image"
+SCOPE_TAP = "read:tap"
+
+#: Route kinds on which latency and faults are injected (never discovery or VOSI).
+DATA_ROUTES = frozenset({"sia", "datalink", "cutout", "storage", "results"})
+
+#: The kinds of injected fault, by name.
+FAULT_KINDS = ("500", "503", "reset", "truncate", "slow")
+
+#: Quota'd services: our key -> the name Gafaelfawr reports in X-RateLimit-Resource.
+QUOTA_SERVICES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "sia": "sia",
+        "cutout": "vo-cutouts",
+        "datalink": "datalinker",
+        "repository": "butler",
+        "storage": "storage",
+        "results": "results",
+    }
+)
+_QUOTA_ALIASES = {v: k for k, v in QUOTA_SERVICES.items()}
+
+#: The idfprod defaults (requests per user per minute); other services are unlimited.
+DEFAULT_QUOTAS: Mapping[str, int] = types.MappingProxyType({"cutout": 35, "sia": 70})
+
+
+def _frozen_tokens(tokens: Mapping[str, Iterable[str]]) -> Mapping[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
+    for token, scopes in tokens.items():
+        if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+            raise ConfigError(
+                f"service: a token must be a non-empty string without spaces: {token!r}"
+            )
+        scope_set = frozenset([scopes] if isinstance(scopes, str) else scopes)
+        out[token] = scope_set or frozenset({SCOPE_IMAGE})
+    return types.MappingProxyType(out)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How ``harvester serve`` behaves. Every field has a working default.
+
+    Parameters
+    ----------
+    base_url : str, optional
+        Public URL of the server (no trailing slash). ``None``: the address the
+        server is bound to, set when it starts (or the request's own origin).
+    dataset : str
+        The dataset label (``dp1``): SIA path, DataLink IDs, discovery.
+    tokens : mapping of str to set of str
+        Accepted tokens and their scopes (a token is also the user for quotas).
+    auth : bool
+        Require tokens on SIA, DataLink, SODA and the repository route.
+    quotas : mapping of str to int
+        Requests per user per ``quota_window`` seconds, by service key
+        (``sia``, ``cutout``, ``datalink``, ``repository``, ``storage``, ``results``;
+        the RSP names ``vo-cutouts``, ``datalinker``, ``butler`` are accepted too).
+        Missing services are unlimited.
+    quota_window : float
+        Length of the fixed quota window in seconds.
+    multi_range : bool
+        Answer multi-range requests with ``multipart/byteranges``. ``False`` behaves
+        like an object store: a multi-range request gets ``200`` and the whole body.
+    max_ranges : int
+        More ranges than this in one request: the Range header is ignored (200).
+    url_lifetime : float
+        Lifetime in seconds of the signed file URLs in DataLink (and its max-age).
+    result_lifetime : float
+        Lifetime in seconds of the signed SODA result URLs.
+    latency_ms, jitter_ms : float
+        Added before answering data routes: ``latency + uniform(0, jitter)``.
+    fault_rate : float
+        Probability that a data-route request gets an injected fault.
+    faults : tuple of str
+        Fault kinds to draw from: ``500``, ``503``, ``reset``, ``truncate``, ``slow``.
+    fault_routes : frozenset of str
+        Route kinds subject to latency and faults.
+    slow_body_seconds : float
+        How long a ``slow`` fault takes to trickle a body out.
+    seed : int
+        Seed of the fault and jitter random generators (reproducible runs).
+    cutout_workers : int
+        Threads computing cutouts; more requests wait in a queue.
+    sync_timeout : float
+        A cutout not done in this many seconds fails with 500 (as the RSP's 1 min).
+    max_ids : int
+        IDs handled per DataLink request; more give ``QUERY_STATUS=OVERFLOW``.
+    max_cutout_side : int
+        Largest cutout side in pixels (422 beyond).
+    max_stencil_deg : float
+        Largest stencil radius (or polygon extent from its centre) in degrees.
+    max_polygon_vertices : int
+        Most vertices in a POLYGON (SIA and SODA).
+    max_body_bytes : int
+        Largest POST body (413 beyond).
+    sia_maxrec : int
+        Default and hard cap of SIA MAXREC.
+    max_results, max_result_bytes : int
+        Bounds of the in-memory SODA result store (oldest evicted first).
+    received_maxlen : int
+        Length of the ``app["received"]`` record of requests.
+    secret : bytes, optional
+        HMAC key of the signed URLs; random per application when ``None``.
+    clock : callable
+        Wall clock (epoch seconds) for signatures, expiry and quotas; inject a
+        fake one in tests.
+    reject_auth_on_storage : bool
+        Answer 400 (as S3 does) when a signed URL is fetched with an
+        ``Authorization`` header, instead of ignoring it.
+    """
+
+    base_url: str | None = None
+    dataset: str = "dp1"
+    tokens: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    auth: bool = True
+    quotas: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    quota_window: float = 60.0
+    multi_range: bool = True
+    max_ranges: int = 200
+    url_lifetime: float = 3600.0
+    result_lifetime: float = 900.0
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    fault_rate: float = 0.0
+    faults: tuple[str, ...] = FAULT_KINDS
+    fault_routes: frozenset[str] = DATA_ROUTES
+    slow_body_seconds: float = 1.0
+    seed: int = 0
+    cutout_workers: int = 4
+    sync_timeout: float = 60.0
+    max_ids: int = 1000
+    max_cutout_side: int = 4096
+    max_stencil_deg: float = 10.0
+    max_polygon_vertices: int = 100
+    max_body_bytes: int = 1024 * 1024
+    sia_maxrec: int = 60000
+    max_results: int = 1000
+    max_result_bytes: int = 512 * 1024 * 1024
+    received_maxlen: int = 10000
+    secret: bytes | None = None
+    clock: Callable[[], float] = time.time
+    reject_auth_on_storage: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", _frozen_tokens(self.tokens))
+        quotas: dict[str, int] = {}
+        for key, limit in self.quotas.items():
+            name = _QUOTA_ALIASES.get(key, key)
+            if name not in QUOTA_SERVICES:
+                raise ConfigError(
+                    f"service: unknown quota service {key!r}; "
+                    f"choose from {', '.join(QUOTA_SERVICES)}"
+                )
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ConfigError(f"service: quota {key}={limit!r} must be an integer >= 0")
+            quotas[name] = limit
+        object.__setattr__(self, "quotas", types.MappingProxyType(quotas))
+        object.__setattr__(self, "faults", tuple(self.faults))
+        object.__setattr__(self, "fault_routes", frozenset(self.fault_routes))
+        for kind in self.faults:
+            if kind not in FAULT_KINDS:
+                raise ConfigError(
+                    f"service: unknown fault kind {kind!r}; choose from {', '.join(FAULT_KINDS)}"
+                )
+        if self.base_url is not None:
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"service: base_url {self.base_url!r} must be http(s)://...")
+            object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        if not self.dataset or not self.dataset.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"service: dataset label {self.dataset!r} must be alphanumeric")
+        positive = {
+            "quota_window": self.quota_window,
+            "url_lifetime": self.url_lifetime,
+            "result_lifetime": self.result_lifetime,
+            "sync_timeout": self.sync_timeout,
+            "max_stencil_deg": self.max_stencil_deg,
+        }
+        for key, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"service: {key} must be > 0, not {value!r}")
+        at_least_one = {
+            "max_ranges": self.max_ranges,
+            "cutout_workers": self.cutout_workers,
+            "max_ids": self.max_ids,
+            "max_cutout_side": self.max_cutout_side,
+            "sia_maxrec": self.sia_maxrec,
+            "max_results": self.max_results,
+            "max_result_bytes": self.max_result_bytes,
+            "received_maxlen": self.received_maxlen,
+            "max_body_bytes": self.max_body_bytes,
+        }
+        for key, ivalue in at_least_one.items():
+            if ivalue < 1:
+                raise ConfigError(f"service: {key} must be >= 1, not {ivalue!r}")
+        if self.max_polygon_vertices < 3:
+            raise ConfigError("service: max_polygon_vertices must be >= 3")
+        non_negative = {
+            "latency_ms": self.latency_ms,
+            "jitter_ms": self.jitter_ms,
+            "slow_body_seconds": self.slow_body_seconds,
+        }
+        for key, value in non_negative.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"service: {key} must be >= 0, not {value!r}")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ConfigError(f"service: fault_rate must be in [0, 1], not {self.fault_rate!r}")
+        if self.fault_rate > 0 and not self.faults:
+            raise ConfigError("service: fault_rate > 0 needs at least one fault kind")
+
+    def replace(self, **changes: Any) -> ServiceSettings:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def check_startable(self) -> None:
+        """Raise :class:`~harvester.errors.ConfigError` if a server must not start.
+
+        Auth on without any token would refuse every request.
+        """
+        if self.auth and not self.tokens:
+            raise ConfigError(
+                "service: authentication is on but no token is configured; give --token, "
+                "--tokens-file, or --no-auth for an open server"
+            )
+
+
+def parse_tokens(lines: Iterable[str], where: str = "tokens") -> dict[str, frozenset[str]]:
+    """Parse ``TOKEN SCOPE[,SCOPE...]`` lines (``#`` comments, blank lines skipped).
+
+    A line with a token only gets the ``read:image`` scope.
+    """
+    tokens: dict[str, frozenset[str]] = {}
+    for n, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2:
+            raise ConfigError(
+                f"{where}:{n}: expected 'TOKEN SCOPE[,SCOPE...]', got {len(parts)} words"
+            )
+        scopes = (
+            frozenset(s.strip() for s in parts[1].split(",") if s.strip())
+            if len(parts) > 1
+            else frozenset()
+        )
+        tokens[parts[0]] = scopes or frozenset({SCOPE_IMAGE})
+    return tokens
+
+
+def load_tokens_file(path: str | os.PathLike[str]) -> dict[str, frozenset[str]]:
+    """Read a tokens file (see :func:`parse_tokens`)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the tokens file: {exc}") from exc
+    return parse_tokens(text.splitlines(), where=str(path))
+
+
+def parse_quota(text: str) -> tuple[str, int | None]:
+    """``"cutout=35"`` -> ``("cutout", 35)``; ``"cutout=none"`` -> ``("cutout", None)``.
+
+    ``None`` means unlimited; ``0`` blocks the service (as in Gafaelfawr).
+    """
+    name, sep, value = text.partition("=")
+    name = _QUOTA_ALIASES.get(name.strip(), name.strip())
+    if not sep or name not in QUOTA_SERVICES:
+        raise ConfigError(
+            f"--quota {text!r}: expected SERVICE=N with SERVICE one of {', '.join(QUOTA_SERVICES)}"
+        )
+    if value.strip().lower() in ("none", "unlimited"):
+        return name, None
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ConfigError(f"--quota {text!r}: {value!r} is not an integer") from None
+    if limit < 0:
+        raise ConfigError(f"--quota {text!r}: the limit must be >= 0")
+    return name, limit
+
+
+def parse_faults(text: str) -> tuple[str, ...]:
+    """``"500,503,reset"`` -> ``("500", "503", "reset")``, checked."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    for kind in kinds:
+        if kind not in FAULT_KINDS:
+            raise ConfigError(
+                f"--faults: unknown kind {kind!r}; choose from {', '.join(FAULT_KINDS)}"
+            )
+    return kinds
