@@ -187,7 +187,7 @@ class Harvester:
             skymap=self.repo.skymap,
             on_error=self.config.on_error,
             max_size=self.config.max_size,
-            bands_allowed=tuple("ugrizy"),
+            bands_allowed=self.config.bands,
         )
 
     def plan(self, targets: TargetSource | Targets | None = None) -> Plan:

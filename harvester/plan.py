@@ -126,6 +126,18 @@ class Plan:
     x0: IntArray
     y0: IntArray
     crossing: npt.NDArray[np.bool_]
+    wanted: npt.NDArray[np.bool_] | None = None  # (n, B): the target's own bands, if any
+
+    def wants(self, idx: IntArray, b: int) -> npt.NDArray[np.bool_]:
+        """Which of targets ``idx`` want band number ``b`` (all, unless a row said)."""
+        if self.wanted is None:
+            return np.ones(len(idx), dtype=bool)
+        wants: npt.NDArray[np.bool_] = self.wanted[idx, b]
+        return wants
+
+    def bands_of(self, i: int) -> int:
+        """How many of the run's bands target ``i`` wants."""
+        return len(self.bands) if self.wanted is None else int(self.wanted[i].sum())
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -164,14 +176,15 @@ class Plan:
         )
 
     def coverage(self, i: int) -> float:
-        """Fraction of the box's pixels, over all bands, that the repository holds."""
+        """Fraction of the box's pixels, over the target's bands, the repository holds."""
         total = 0
         for piece in self.pieces(i):
             area = (piece.x1 - piece.x0) * (piece.y1 - piece.y0)
-            for band in self.bands:
-                if self.repo.get(int(self.tract[i]), piece.patch, band) is not None:
+            for b, band in enumerate(self.bands):
+                wanted = self.wanted is None or bool(self.wanted[i, b])
+                if wanted and self.repo.get(int(self.tract[i]), piece.patch, band) is not None:
                     total += area
-        return total / (int(self.side[i]) ** 2 * len(self.bands))
+        return total / (int(self.side[i]) ** 2 * max(self.bands_of(i), 1))
 
     def quote(self) -> Quote:
         """Images, bytes and time a harvest of this plan needs, without reading pixels."""
@@ -259,7 +272,19 @@ def make_plan(
         x0=cols["x0"],
         y0=cols["y0"],
         crossing=crossing,
+        wanted=_wanted(targets, bands),
     )
+
+
+def _wanted(targets: Targets, bands: tuple[str, ...]) -> npt.NDArray[np.bool_] | None:
+    """(n, B) bands each target asked for; None when no row names any (the usual case)."""
+    if not any(targets.bands):
+        return None
+    wanted = np.ones((len(targets), len(bands)), dtype=bool)
+    for i, own in enumerate(targets.bands):
+        if own:
+            wanted[i] = [b in own for b in bands]
+    return wanted
 
 
 def split_box(skymap: SkyMap, home: int, x0: int, y0: int, side: int) -> list[Piece]:

@@ -521,3 +521,26 @@ def test_unreadable_image_fails_its_targets_only_and_resume_redoes_them(
     marks = ",".join("?" * n_broken)
     attempts = db.execute(f"SELECT attempts FROM targets WHERE id IN ({marks})", fixed)
     assert {a for (a,) in attempts} == {3}
+
+
+def test_per_target_sizes_and_bands(tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap,
+                                    tiny_tract: int, mosaic: dict) -> None:
+    """A row's own size and bands override the run's: other bands stay NO_DATA."""
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 3, seed=21)
+    csv = tmp_path / "t.csv"
+    lines = ["id,ra,dec,size,bands"]
+    for tid, r, d, size, bands in zip(t["id"], t["ra"], t["dec"], ("15", "4arcsec", ""),
+                                      ("z", "", "\"g,z\""), strict=True):
+        lines.append(f"{tid},{float(r)!r},{float(d)!r},{size},{bands}")
+    csv.write_text("\n".join(lines) + "\n")
+    got = _harvest_all(_config(tiny_repo, None, size="9"), str(csv))
+    sides = {tid: v[0].shape[-1] for tid, v in got.items()}
+    assert sides == {t["id"][0]: 15, t["id"][1]: 20, t["id"][2]: 9}  # 4" / 0.2"/px = 20
+    image, mask, _, _, coverage, _ = got[t["id"][0]]
+    assert np.isnan(image[0]).all() and (mask[0] == NO_DATA).all()  # g not asked for
+    assert np.isfinite(image[1]).all() and coverage == 1.0
+    assert all(np.isfinite(got[t["id"][k]][0]).all() for k in (1, 2))
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"id,ra,dec,bands\nq,{float(t['ra'][0])!r},{float(t['dec'][0])!r},y\n")
+    with pytest.raises(TargetError, match="unknown band"):
+        run(_config(tiny_repo, None, on_error="raise"), str(bad))  # type: ignore[arg-type]

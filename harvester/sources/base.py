@@ -136,15 +136,19 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
             continue
         dataset_ids[:, b] = ref.id
         files[:, b] = ref.path
-        if simple.size == 0:
+        wants = plan.wants(idx[simple], b)
+        for k in simple[~wants]:
+            _fill_no_data(outs, (int(k), b))  # a band this target did not ask for
+        rows = simple[wants]
+        if rows.size == 0:
             continue
         handle = cache.get(ref)
-        ys = plan.y0[idx[simple]] - handle.y0
-        xs = plan.x0[idx[simple]] - handle.x0
+        ys = plan.y0[idx[rows]] - handle.y0
+        xs = plan.x0[idx[rows]] - handle.x0
         for plane, arr in outs.items():
             if arr is not None:
-                handle.read_boxes(plane, simple, ys, xs, s, s, arr[:, b])
-        covered[simple] += s * s
+                handle.read_boxes(plane, rows, ys, xs, s, s, arr[:, b])
+        covered[rows] += s * s
 
     for k in crossed:
         i = int(idx[k])
@@ -153,7 +157,7 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
             ph, pw = piece.y1 - piece.y0, piece.x1 - piece.x0
             for b, band in enumerate(plan.bands):
                 ref = plan.repo.get(spec.tract, piece.patch, band)
-                if ref is None:
+                if ref is None or not plan.wants(idx[k : k + 1], b)[0]:
                     continue
                 handle = cache.get(ref)
                 one = np.zeros(1, dtype=np.int64)
@@ -182,7 +186,7 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
         image=image,
         variance=variance,
         mask=mask,
-        coverage=covered / (s * s * nb),
+        coverage=covered / (s * s * _bands_wanted(plan, idx)),
         crval=crval,
         crpix0=plan.skymap.crpix0,
         scale_deg=plan.skymap.pixel_scale_deg,
@@ -198,3 +202,11 @@ def _fill_no_data(
     for plane, arr in outs.items():
         if arr is not None:
             arr[where] = NO_DATA if plane == "mask" else np.nan
+
+
+def _bands_wanted(plan: Plan, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Bands each target asked for (at least 1, so coverage is defined)."""
+    if plan.wanted is None:
+        return np.full(len(idx), len(plan.bands), dtype=np.int64)
+    counts: npt.NDArray[np.int64] = np.maximum(plan.wanted[idx].sum(axis=1), 1).astype(np.int64)
+    return counts
