@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import itertools
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -290,6 +291,8 @@ class _Run:
         self.processed = 0
         self.failures: list[tuple[str, str]] = []
         self.lock: Any = None
+        self._count_lock = threading.Lock()
+        self._done = self._total = 0
 
     @classmethod
     def prepare(cls, h: Harvester, source: TargetSource | Targets | None) -> _Run:
@@ -362,24 +365,28 @@ class _Run:
         specs_send, specs_recv = anyio.create_memory_object_stream[BatchSpec](2 * fetch.concurrency)
         res_send, res_recv = anyio.create_memory_object_stream[_Result](1)
         rate = RateLimiter(fetch.rate)
-        total = len(self.plan)
+        self._done, self._total = 0, len(self.plan)
         if self.h.progress is not None:
-            self.h.progress(0, total)
+            self.h.progress(0, self._total)
         async with out, anyio.create_task_group() as tg:
             tg.start_soon(self._produce, specs_send, rate)
-            async with res_send:
+            async with specs_recv, res_send, res_recv:
                 for _ in range(fetch.concurrency):
                     tg.start_soon(self._fetch, source, specs_recv.clone(), res_send.clone())
-            specs_recv.close()
-            done = 0
-            async with res_recv:
-                async for result in res_recv:
-                    batch = await anyio.to_thread.run_sync(self._write, result)
-                    done += len(result.spec)
-                    if self.h.progress is not None:
-                        self.h.progress(done, total)
-                    if batch is not None:
-                        await out.send(batch)
+                # As many writers as readers: writing FITS files is the slow side, and
+                # the sinks and the ledger are safe to call from several threads.
+                for _ in range(fetch.concurrency):
+                    tg.start_soon(self._writer, res_recv.clone(), out.clone())
+
+    async def _writer(self, recv: Any, out: Any) -> None:
+        async with recv, out:
+            async for result in recv:
+                batch = await anyio.to_thread.run_sync(self._write, result)
+                self._done += len(result.spec)
+                if self.h.progress is not None:
+                    self.h.progress(self._done, self._total)
+                if batch is not None:
+                    await out.send(batch)
 
     async def _produce(self, send: Any, rate: RateLimiter) -> None:
         async with send:
@@ -464,7 +471,8 @@ class _Run:
         if result.failures:
             idx = np.array([i for i, _, _ in result.failures], dtype=np.int64)
             errors = [e for _, e, _ in result.failures]
-            self.failures += list(zip(t.id[idx].tolist(), errors, strict=True))
+            with self._count_lock:
+                self.failures += list(zip(t.id[idx].tolist(), errors, strict=True))
             rows += self._rows(
                 idx,
                 "failed",
@@ -479,7 +487,8 @@ class _Run:
             )
         if self.ledger is not None and rows:
             self.ledger.record(rows)
-        self.processed += len(batch) if batch is not None else 0
+        with self._count_lock:
+            self.processed += len(batch) if batch is not None else 0
         return batch
 
     def _rows(
