@@ -1,0 +1,334 @@
+"""The HTTP transport of remote sources: auth, limits, error mapping.
+
+:class:`ServiceClient` makes every request of a remote run:
+
+* the bearer token only for URLs equal to or under a discovered service prefix
+  (as ``lsst.rsp``'s ``_RSPAuth``), and never for signed storage or SODA result
+  URLs (``auth=False``); redirects are never followed implicitly;
+* one capacity limiter per host; an AIMD token bucket per service (quotas, and
+  back-off on 503); the server's ``X-RateLimit-Remaining``/``Reset`` respected
+  before a request is sent, so a quota window is not overrun by requests in flight;
+* answers mapped onto the error hierarchy: no answer, a reset, a timeout, a
+  truncated body, 429 and 5xx are :class:`~harvester.errors.TransientError`
+  (with the server's ``Retry-After`` or ``X-RateLimit-Reset``); a refused signed
+  URL (400/403 from storage) is :class:`ExpiredUrl`; other 4xx are
+  :class:`RefusedError` (a :class:`~harvester.errors.UsageError`). Messages name
+  the method and the URL without its query string; the token is in none of them.
+
+Dependency rule: aiohttp, anyio, :mod:`harvester.config`, ``errors`` and ``limits``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+
+from ..config import ServiceConfig
+from ..errors import TransientError, UsageError
+from ..limits import AdaptiveRateLimiter, HostLimits
+
+__all__ = [
+    "ClientStats",
+    "ExpiredUrl",
+    "RefusedError",
+    "Response",
+    "ServiceClient",
+    "first_line",
+    "retry_after",
+    "safe_url",
+]
+
+
+class ExpiredUrl(TransientError):
+    """Storage refused a signed URL (400/403): fetch a fresh one and try again."""
+
+
+class RefusedError(UsageError):
+    """A 4xx answer that retrying will not change; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def safe_url(url: str) -> str:
+    """A URL for messages: no query string (signatures), no fragment."""
+    return url.split("?", 1)[0].split("#", 1)[0]
+
+
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or HTTP-date) or ``X-RateLimit-Reset``."""
+    now = time.time() if now is None else now
+    value = headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - now)
+    reset = headers.get("X-RateLimit-Reset")
+    if reset:
+        try:
+            return max(0.0, float(reset) - now)
+        except ValueError:
+            return None
+    return None
+
+
+def first_line(body: bytes, limit: int = 200) -> str:
+    text = body[:2000].decode("utf-8", errors="replace").strip()
+    if "QUERY_STATUS" in text:  # a VOTable error document: its INFO text
+        m = re.search(r'name="QUERY_STATUS"[^>]*>([^<]*)<', text)
+        if m:
+            text = m.group(1).strip()
+    line = text.splitlines()[0] if text else ""
+    return line[:limit]
+
+
+# ---- the client ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    """An answer, body read in full (or not at all for an abandoned probe)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+
+@dataclass
+class ClientStats:
+    """Requests made, by service and by status (``error`` for no answer)."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, dict[str, int]] = field(default_factory=dict)
+    bytes_received: int = 0
+    token_sent: dict[str, int] = field(default_factory=dict)
+
+    def count(self, service: str, status: str) -> None:
+        self.requests[service] = self.requests.get(service, 0) + 1
+        by = self.statuses.setdefault(service, {})
+        by[status] = by.get(status, 0) + 1
+
+
+class _Quota:
+    """What the server's ``X-RateLimit-*`` headers say is left of a quota window."""
+
+    def __init__(self) -> None:
+        self.remaining: int | None = None
+        self.reset = 0.0
+        self.inflight = 0
+
+    async def wait(self, clock: Callable[[], float]) -> None:
+        while self.remaining is not None and self.remaining - self.inflight <= 0:
+            now = clock()
+            if now >= self.reset:
+                self.remaining = None
+                break
+            await anyio.sleep(min(self.reset - now, 60.0) + 0.01)
+        self.inflight += 1
+
+    def update(self, headers: Mapping[str, str]) -> None:
+        try:
+            remaining = int(headers["X-RateLimit-Remaining"])
+            reset = float(headers["X-RateLimit-Reset"])
+        except (KeyError, ValueError):
+            return
+        if reset > self.reset:
+            self.reset, self.remaining = reset, remaining
+        elif reset == self.reset and self.remaining is not None:
+            self.remaining = min(self.remaining, remaining)
+
+
+class ServiceClient:
+    """Every HTTP request of a remote run: auth, limits, error mapping; see module doc.
+
+    Parameters
+    ----------
+    settings : ServiceConfig
+    token : str or None
+        The resolved token (never stored anywhere else, never in a message).
+    """
+
+    def __init__(self, settings: ServiceConfig, token: str | None) -> None:
+        self.settings = settings
+        self._token = token
+        self.prefixes: tuple[str, ...] = ()
+        self.hosts = HostLimits(settings.connections_per_host)
+        self.rates: dict[str, AdaptiveRateLimiter] = {}
+        self._quotas: dict[str, _Quota] = {}
+        self.stats = ClientStats()
+        self.clock: Callable[[], float] = time.time
+        self._auth_failure: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"ServiceClient({self.settings.url!r}, token={'set' if self._token else 'none'})"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            s = self.settings
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=s.timeout_connect, sock_read=s.timeout_read
+                ),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=s.connections_per_host),
+                headers={"User-Agent": "harvester"},
+            )
+            # aiohttp silently resends an idempotent request once when a reused
+            # connection drops; every retry here is the engine's, counted in the
+            # ledger, so turn that off (as aiohttp's own test client does).
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def rate(self, service: str) -> AdaptiveRateLimiter:
+        found = self.rates.get(service)
+        if found is None:
+            per_minute = {
+                "cutout": self.settings.cutout_per_minute,
+                "sia": self.settings.sia_per_minute,
+            }.get(service, 0.0)
+            found = self.rates[service] = AdaptiveRateLimiter(ceiling=per_minute / 60.0)
+        return found
+
+    def may_send_token(self, url: str) -> bool:
+        """True for URLs equal to or under a discovered service prefix."""
+        bare = safe_url(url)
+        return any(bare == p or bare.startswith(p + "/") for p in self.prefixes)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        service: str,
+        params: Sequence[tuple[str, str]] | None = None,
+        data: Sequence[tuple[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        auth: bool = True,
+        probe: bool = False,
+    ) -> Response:
+        """Make one request; return 2xx/3xx answers, raise for the others.
+
+        ``auth=False`` never sends the token (signed URLs); ``auth=True`` sends it
+        only to service URLs. ``probe`` abandons a 200 body unread.
+
+        Raises
+        ------
+        TransientError
+            No answer, a truncated body, 429, 5xx (:class:`ExpiredUrl` for a
+            refused signed URL, ``service="storage"`` or ``"results"``).
+        UsageError
+            Any other 4xx.
+        """
+        if self._auth_failure is not None:
+            raise RefusedError(self._auth_failure, 401)
+        where = f"{method} {safe_url(url)}"
+        quota = self._quotas.setdefault(service, _Quota())
+        await quota.wait(self.clock)
+        try:
+            await self.rate(service).acquire()
+            send = dict(headers or {})
+            if auth and self._token and self.may_send_token(url):
+                send["Authorization"] = f"Bearer {self._token}"
+                self.stats.token_sent[service] = self.stats.token_sent.get(service, 0) + 1
+            host = urlsplit(url).netloc
+            async with self.hosts.limiter(host):
+                response = await self._send(method, url, service, params, data, send, probe)
+        finally:
+            quota.inflight -= 1
+        quota.update(response.headers)
+        self._check(where, service, response)
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        service: str,
+        params: Sequence[tuple[str, str]] | None,
+        data: Sequence[tuple[str, str]] | None,
+        headers: dict[str, str],
+        probe: bool,
+    ) -> Response:
+        where = f"{method} {safe_url(url)}"
+        try:
+            async with self.session.request(
+                method,
+                url,
+                params=params,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+            ) as resp:
+                if probe and resp.status == 200:
+                    resp.close()  # do not download a whole file to learn "no ranges"
+                    body = b""
+                else:
+                    body = await resp.read()
+                status, got = resp.status, resp.headers
+        except aiohttp.ClientPayloadError as exc:
+            self.stats.count(service, "error")
+            raise TransientError(f"{where}: truncated body ({type(exc).__name__})") from exc
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            self.stats.count(service, "error")
+            kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise TransientError(f"{where}: {kind}") from exc
+        self.stats.count(service, str(status))
+        self.stats.bytes_received += len(body)
+        length = got.get("Content-Length")
+        encoded = got.get("Content-Encoding", "identity").lower() != "identity"
+        abandoned = probe and status == 200
+        if not (encoded or abandoned) and length and length.isdigit() and int(length) != len(body):
+            raise TransientError(f"{where}: truncated body ({len(body)} of {length} bytes)")
+        return Response(status, got, body, url)
+
+    def _check(self, where: str, service: str, r: Response) -> None:
+        rate = self.rate(service)
+        s = r.status
+        if s < 400:
+            rate.on_success()
+            return
+        text = first_line(r.body)
+        if s == 429:
+            raise TransientError(
+                f"{where}: 429 Too Many Requests (quota)", retry_after=retry_after(r.headers)
+            )
+        if s >= 500:
+            if s == 503:
+                rate.on_overload()
+            wait = retry_after(r.headers) if "Retry-After" in r.headers else None
+            raise TransientError(f"{where}: {s} {text}".rstrip(), retry_after=wait)
+        if service in ("storage", "results") and s in (400, 403):
+            raise ExpiredUrl(f"{where}: {s} (signed URL refused or expired)")
+        if s == 401:
+            self._auth_failure = (
+                f"{where}: 401 Unauthorized: the token is missing, expired or invalid "
+                "(set [service] token or ACCESS_TOKEN)"
+            )
+            raise RefusedError(self._auth_failure, s)
+        if s == 403:
+            raise RefusedError(
+                f"{where}: 403 Forbidden: the token lacks a needed scope (read:image)", s
+            )
+        raise RefusedError(f"{where}: {s} {text}".rstrip(), s)

@@ -1,0 +1,646 @@
+"""FITS over byte ranges: header parsing, box-to-byte planning, tile decoding.
+
+Pure functions and small value objects, no I/O: the HTTP source feeds them the
+bytes it fetched and asks them which bytes to fetch next.
+
+* :func:`parse_header` reads the 80-byte cards of one header from a buffer;
+  :func:`hdu_info` turns them into an :class:`HduInfo` (where the header and
+  data start, how long the data is, so where the next HDU starts).
+* :class:`PlaneLayout` (a plain image HDU) and :class:`TiledLayout` (a
+  tile-compressed ``ZIMAGE`` binary table) say which byte intervals a set of
+  pixel boxes needs: for a plain image the span from a box's first pixel to its
+  last (single-range requests) or one interval per box row (multi-range
+  requests); for a compressed image the table rows and heap bytes of the tiles
+  the boxes touch.
+* :func:`coalesce` merges intervals whose gaps are cheaper to read than to skip;
+  :func:`plan_reads` picks the cheapest of single-range requests, multi-range
+  requests and the whole file, under a cost of ``request_cost`` bytes per request.
+* :class:`ByteStore` holds fetched segments and serves views of them;
+  :meth:`TiledLayout.decode` decodes tiles from table rows and heap bytes.
+
+Tile decoding uses astropy's own codecs and quantisation (private modules of
+``astropy.io.fits.hdu.compressed``, the same calls ``CompImageHDU.section``
+makes, so pixels are bit-identical to astropy's). If those imports ever fail,
+:data:`TILE_DECODING` is False and the HTTP source downloads compressed files
+whole and decodes them with public astropy instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "BLOCK",
+    "TILE_DECODING",
+    "ByteStore",
+    "HduInfo",
+    "PlaneLayout",
+    "ReadPlan",
+    "TiledLayout",
+    "coalesce",
+    "hdu_info",
+    "layout_of",
+    "padded",
+    "parse_header",
+    "plan_reads",
+]
+
+BLOCK = 2880
+CARD = 80
+IntArray = npt.NDArray[np.int64]
+Value = str | int | float | bool | None
+Ranges = list[tuple[int, int]]
+
+_BITPIX = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+try:  # astropy's tile codecs (private API; see the module docstring)
+    from astropy.io.fits.hdu.compressed._quantization import DITHER_METHODS, Quantize
+    from astropy.io.fits.hdu.compressed._tiled_compression import (
+        _decompress_tile,
+        _finalize_array,
+        _header_to_settings,
+        _update_tile_settings,
+    )
+
+    TILE_DECODING = True
+except ImportError:  # pragma: no cover - depends on the astropy version
+    TILE_DECODING = False
+
+
+def padded(n: int) -> int:
+    """``n`` rounded up to whole 2880-byte FITS blocks."""
+    return -(-n // BLOCK) * BLOCK
+
+
+# ---- headers ----------------------------------------------------------------------
+
+
+def _value(text: str) -> Value:
+    """The value of a card's value field (after ``= ``), comment stripped."""
+    s = text.strip()
+    if s.startswith("'"):
+        out, i = [], 1
+        while i < len(s):
+            if s[i] == "'":
+                if i + 1 < len(s) and s[i + 1] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                break
+            out.append(s[i])
+            i += 1
+        return "".join(out).rstrip()
+    s = s.split("/", 1)[0].strip()
+    if s == "T":
+        return True
+    if s == "F":
+        return False
+    if not s:
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        return s
+
+
+def parse_header(buf: bytes | memoryview, start: int = 0) -> tuple[dict[str, Value], int] | None:
+    """Cards of the header that starts at ``buf[start]``, and its padded length.
+
+    Returns None when ``buf`` ends before the ``END`` card (fetch more bytes).
+    Only the first occurrence of a keyword is kept; ``COMMENT``, ``HISTORY`` and
+    blank cards are skipped; ``HIERARCH A B = v`` is kept as ``"A B"``.
+
+    Raises
+    ------
+    ValueError
+        If the bytes are not FITS header cards (a keyword with invalid characters).
+    """
+    cards: dict[str, Value] = {}
+    pos = start
+    end = len(buf)
+    while pos + CARD <= end:
+        card = bytes(buf[pos : pos + CARD]).decode("ascii", errors="replace")
+        pos += CARD
+        key = card[:8].rstrip()
+        if key == "END":
+            return cards, padded(pos - start)
+        if key in ("", "COMMENT", "HISTORY", "CONTINUE"):
+            continue
+        if key == "HIERARCH":
+            name, sep, rest = card[8:].partition("=")
+            if sep:
+                cards.setdefault(" ".join(name.split()), _value(rest))
+            continue
+        if not all(c.isalnum() or c in "-_" for c in key):
+            raise ValueError(f"not a FITS header card at byte {pos - CARD}: {card[:20]!r}")
+        if card[8:10] == "= ":
+            cards.setdefault(key, _value(card[10:]))
+    return None
+
+
+def _int(cards: Mapping[str, Value], key: str, default: int | None = None) -> int:
+    value = cards.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"FITS keyword {key} is {value!r}, expected an integer")
+    return value
+
+
+def _float(cards: Mapping[str, Value], key: str, default: float) -> float:
+    value = cards.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"FITS keyword {key} is {value!r}, expected a number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class HduInfo:
+    """Where one HDU lies in its file, and its header cards."""
+
+    index: int
+    header_start: int
+    data_start: int
+    data_size: int  # bytes, without the padding to whole blocks
+    cards: Mapping[str, Value]
+
+    @property
+    def name(self) -> str:
+        name = self.cards.get("EXTNAME", "PRIMARY" if self.index == 0 else "")
+        return str(name).strip().upper()
+
+    @property
+    def next_start(self) -> int:
+        """Byte offset of the next HDU's header."""
+        return self.data_start + padded(self.data_size)
+
+
+def hdu_info(index: int, header_start: int, cards: Mapping[str, Value], length: int) -> HduInfo:
+    """An :class:`HduInfo` from a parsed header (``length`` is its padded size)."""
+    naxis = _int(cards, "NAXIS", 0)
+    if naxis == 0:
+        size = 0
+    else:
+        bitpix = _int(cards, "BITPIX")
+        count = math.prod(_int(cards, f"NAXIS{i}") for i in range(1, naxis + 1))
+        size = abs(bitpix) // 8 * _int(cards, "GCOUNT", 1) * (_int(cards, "PCOUNT", 0) + count)
+    return HduInfo(index, header_start, header_start + length, size, dict(cards))
+
+
+def origin(cards: Mapping[str, Value]) -> tuple[int, int]:
+    """PARENT (x0, y0) of an image's first pixel, from ``LTV1``/``LTV2``."""
+    return -round(_float(cards, "LTV1", 0.0)), -round(_float(cards, "LTV2", 0.0))
+
+
+# ---- plain images -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlaneLayout:
+    """A plain image HDU: rows of ``width`` big-endian pixels from ``data_start``."""
+
+    data_start: int
+    height: int
+    width: int
+    dtype: np.dtype[Any]
+    bscale: float = 1.0
+    bzero: float = 0.0
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * self.dtype.itemsize
+
+    @property
+    def size(self) -> int:
+        return self.height * self.row_bytes
+
+    def intervals(
+        self, ys: IntArray, xs: IntArray, h: int, w: int, per_row: bool
+    ) -> tuple[IntArray, IntArray]:
+        """Byte intervals ``[start, stop)`` the boxes need (absolute file offsets).
+
+        One interval per box (first pixel to last pixel), or with ``per_row`` one
+        per box row (only the box's own columns).
+        """
+        item, row = self.dtype.itemsize, self.row_bytes
+        first = self.data_start + ys * row + xs * item
+        if not per_row:
+            return first, first + (h - 1) * row + w * item
+        starts = (first[:, None] + np.arange(h, dtype=np.int64)[None, :] * row).ravel()
+        return starts, starts + w * item
+
+    def read(
+        self, store: ByteStore, ys: IntArray, xs: IntArray, h: int, w: int
+    ) -> list[npt.NDArray[Any]]:
+        """Views (big-endian, scaled if BSCALE/BZERO say so) of each box's pixels."""
+        item, row = self.dtype.itemsize, self.row_bytes
+        out = []
+        for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+            start = self.data_start + y * row + x * item
+            arr: npt.NDArray[Any]
+            try:
+                buf, offset = store.view(start, start + (h - 1) * row + w * item)
+                arr = np.ndarray(
+                    (h, w), dtype=self.dtype, buffer=buf, offset=offset, strides=(row, item)
+                )
+            except KeyError:  # fetched row by row (multi-range): paste the rows
+                arr = np.empty((h, w), dtype=self.dtype)
+                for r in range(h):
+                    buf, offset = store.view(start + r * row, start + r * row + w * item)
+                    arr[r] = np.frombuffer(buf, dtype=self.dtype, count=w, offset=offset)
+            if self.bscale != 1.0 or self.bzero != 0.0:
+                arr = arr * self.bscale + self.bzero
+            out.append(arr)
+        return out
+
+
+# ---- tile-compressed images ---------------------------------------------------------
+
+_TFORM_DTYPE = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+
+
+def _column_dtypes(cards: Mapping[str, Value]) -> list[tuple[str, str, str]]:
+    """(name, record dtype, heap item dtype or "") per table column."""
+    cols = []
+    for i in range(1, _int(cards, "TFIELDS") + 1):
+        name = str(cards.get(f"TTYPE{i}", f"COL{i}")).strip().upper()
+        form = str(cards[f"TFORM{i}"]).strip()
+        digits = ""
+        while form and form[0].isdigit():
+            digits += form[0]
+            form = form[1:]
+        repeat = int(digits) if digits else 1
+        code = form[:1]
+        if code in ("P", "Q"):
+            desc = ">i4" if code == "P" else ">i8"
+            cols.append((name, f"(2,){desc}", _TFORM_DTYPE[form[1]]))
+        elif code in _TFORM_DTYPE:
+            rec = _TFORM_DTYPE[code]
+            cols.append((name, rec if repeat == 1 else f"({repeat},){rec}", ""))
+        else:
+            raise ValueError(f"unsupported column format TFORM{i} = {cards[f'TFORM{i}']!r}")
+    return cols
+
+
+@dataclass(frozen=True)
+class TiledLayout:
+    """A tile-compressed image (``ZIMAGE = T``): a table of tiles and its heap."""
+
+    data_start: int
+    row_bytes: int
+    nrows: int
+    heap_start: int
+    heap_size: int
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    cards: Mapping[str, Value]
+
+    @property
+    def table_size(self) -> int:
+        return self.row_bytes * self.nrows
+
+    @property
+    def tiles_x(self) -> int:
+        return -(-self.width // self.tile_w)
+
+    @property
+    def size(self) -> int:
+        """All bytes of the HDU's data: table and heap."""
+        return self.heap_start + self.heap_size - self.data_start
+
+    def record_dtype(self) -> np.dtype[Any]:
+        cols = _column_dtypes(self.cards)
+        dtype = np.dtype([(name, rec) for name, rec, _ in cols])
+        if dtype.itemsize != self.row_bytes:
+            raise ValueError(f"table row has {self.row_bytes} bytes, TFORMs say {dtype.itemsize}")
+        return dtype
+
+    def tiles(self, ys: IntArray, xs: IntArray, h: int, w: int) -> IntArray:
+        """Sorted indices (table rows) of the tiles the boxes touch."""
+        ty0, ty1 = ys // self.tile_h, (ys + h - 1) // self.tile_h
+        tx0, tx1 = xs // self.tile_w, (xs + w - 1) // self.tile_w
+        found: set[int] = set()
+        nx = self.tiles_x
+        for a, b, c, d in zip(ty0.tolist(), ty1.tolist(), tx0.tolist(), tx1.tolist(), strict=True):
+            for ty in range(a, b + 1):
+                found.update(range(ty * nx + c, ty * nx + d + 1))
+        return np.array(sorted(found), dtype=np.int64)
+
+    def rows(self, table: bytes | memoryview) -> npt.NDArray[Any]:
+        """The tile table (all rows) as a structured array."""
+        return np.frombuffer(table, dtype=self.record_dtype(), count=self.nrows)
+
+    def heap_intervals(self, rows: npt.NDArray[Any], tiles: IntArray) -> Ranges:
+        """Absolute byte intervals of the heap arrays that decode ``tiles``."""
+        out: Ranges = []
+        for name, _, item in _column_dtypes(self.cards):
+            if not item or name not in (
+                "COMPRESSED_DATA",
+                "GZIP_COMPRESSED_DATA",
+                "UNCOMPRESSED_DATA",
+            ):
+                continue
+            size = np.dtype(item).itemsize
+            desc = rows[name][tiles]
+            for count, offset in desc.tolist():
+                if count:
+                    start = self.heap_start + offset
+                    out.append((start, start + count * size))
+        return out
+
+    def decode(
+        self, rows: npt.NDArray[Any], tiles: IntArray, store: ByteStore
+    ) -> dict[int, npt.NDArray[Any]]:
+        """Decode ``tiles`` from table rows and heap bytes held by ``store``."""
+        if not TILE_DECODING:  # pragma: no cover - depends on the astropy version
+            raise RuntimeError("astropy's tile codecs are not available")
+        cards = self.cards
+        cmptype = str(cards["ZCMPTYPE"]).strip()
+        zbitpix = _int(cards, "ZBITPIX")
+        names = rows.dtype.names or ()
+        quantized = "ZSCALE" in names
+        settings = _header_to_settings(cards)
+        dither = DITHER_METHODS[str(cards.get("ZQUANTIZ", "NO_DITHER")).strip()]
+        seed = _int(cards, "ZDITHER0", 0)
+        zblank_card = cards.get("ZBLANK", cards.get("BLANK"))
+        items = {n: item for n, _, item in _column_dtypes(cards) if item}
+        out: dict[int, npt.NDArray[Any]] = {}
+
+        def heap(name: str, row: int) -> npt.NDArray[Any]:
+            count, offset = (int(v) for v in rows[name][row])
+            dtype = np.dtype(items[name])
+            start = self.heap_start + offset
+            buf, at = store.view(start, start + count * dtype.itemsize)
+            return np.frombuffer(buf, dtype=dtype, count=count, offset=at)
+
+        for t in tiles.tolist():
+            ty, tx = divmod(t, self.tiles_x)
+            shape = (
+                min(self.tile_h, self.height - ty * self.tile_h),
+                min(self.tile_w, self.width - tx * self.tile_w),
+            )
+            if int(rows["COMPRESSED_DATA"][t][0]) == 0:
+                if "GZIP_COMPRESSED_DATA" in names:
+                    buf = _decompress_tile(heap("GZIP_COMPRESSED_DATA", t), algorithm="GZIP_1")
+                    data = _finalize_array(
+                        buf, bitpix=zbitpix, tile_shape=shape, algorithm="GZIP_1", lossless=True
+                    )
+                elif "UNCOMPRESSED_DATA" in names:
+                    data = heap("UNCOMPRESSED_DATA", t).reshape(shape)
+                else:
+                    raise ValueError(f"tile {t} has no data in any column")
+                out[t] = np.asarray(data)
+                continue
+            settings = _update_tile_settings(settings, cmptype, shape)
+            cdata = heap("COMPRESSED_DATA", t)
+            if cmptype == "GZIP_2":
+                plain = np.asarray(_decompress_tile(cdata, algorithm="GZIP_1"))
+                settings["itemsize"] = plain.size // math.prod(shape)
+            buf = _decompress_tile(cdata, algorithm=cmptype, **settings)
+            data = _finalize_array(
+                buf, bitpix=zbitpix, tile_shape=shape, algorithm=cmptype, lossless=not quantized
+            )
+            zblank = rows["ZBLANK"][t] if "ZBLANK" in names else zblank_card
+            blank = data == zblank if zblank is not None else None
+            if quantized:
+                q = Quantize(
+                    row=(t + seed) if dither != -1 else 0,
+                    dither_method=dither,
+                    quantize_level=None,
+                    bitpix=zbitpix,
+                )
+                data = np.asarray(
+                    q.decode_quantized(data, rows["ZSCALE"][t], rows["ZZERO"][t])
+                ).reshape(shape)
+            if blank is not None and blank.any():
+                data = np.array(data)
+                data[blank] = zblank_card if zbitpix > 0 else np.nan
+            out[t] = np.asarray(data)
+        return out
+
+    def read(
+        self, tiles: Mapping[int, npt.NDArray[Any]], ys: IntArray, xs: IntArray, h: int, w: int
+    ) -> list[npt.NDArray[Any]]:
+        """Each box's pixels, pasted from decoded tiles."""
+        bscale = _float(self.cards, "BSCALE", 1.0)
+        bzero = _float(self.cards, "BZERO", 0.0)
+        th, tw, nx = self.tile_h, self.tile_w, self.tiles_x
+        out = []
+        for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+            first = tiles[(y // th) * nx + x // tw]
+            box = np.empty((h, w), dtype=first.dtype)
+            for ty in range(y // th, (y + h - 1) // th + 1):
+                ya, yb = max(y, ty * th), min(y + h, (ty + 1) * th)
+                for tx in range(x // tw, (x + w - 1) // tw + 1):
+                    xa, xb = max(x, tx * tw), min(x + w, (tx + 1) * tw)
+                    tile = tiles[ty * nx + tx]
+                    box[ya - y : yb - y, xa - x : xb - x] = tile[
+                        ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw
+                    ]
+            out.append(box * bscale + bzero if (bscale, bzero) != (1.0, 0.0) else box)
+        return out
+
+
+def layout_of(hdu: HduInfo) -> PlaneLayout | TiledLayout:
+    """The pixel layout of an image HDU, plain or tile-compressed.
+
+    Raises
+    ------
+    ValueError
+        If the HDU is not a 2-d image (or a 2-d compressed image).
+    """
+    c = hdu.cards
+    if c.get("ZIMAGE") is True:
+        if _int(c, "ZNAXIS") != 2:
+            raise ValueError(f"HDU {hdu.name}: compressed image is not 2-d")
+        width, height = _int(c, "ZNAXIS1"), _int(c, "ZNAXIS2")
+        row_bytes, nrows = _int(c, "NAXIS1"), _int(c, "NAXIS2")
+        theap = _int(c, "THEAP", row_bytes * nrows)
+        layout = TiledLayout(
+            data_start=hdu.data_start,
+            row_bytes=row_bytes,
+            nrows=nrows,
+            heap_start=hdu.data_start + theap,
+            heap_size=_int(c, "PCOUNT", 0),
+            height=height,
+            width=width,
+            tile_h=_int(c, "ZTILE2", 1),
+            tile_w=_int(c, "ZTILE1", width),
+            cards=c,
+        )
+        layout.record_dtype()  # fail now on a table we cannot read
+        return layout
+    if _int(c, "NAXIS", 0) != 2:
+        raise ValueError(f"HDU {hdu.name}: not a 2-d image (NAXIS = {c.get('NAXIS')})")
+    bitpix = _int(c, "BITPIX")
+    if bitpix not in _BITPIX:
+        raise ValueError(f"HDU {hdu.name}: BITPIX = {bitpix} is not valid")
+    return PlaneLayout(
+        data_start=hdu.data_start,
+        height=_int(c, "NAXIS2"),
+        width=_int(c, "NAXIS1"),
+        dtype=np.dtype(_BITPIX[bitpix]),
+        bscale=_float(c, "BSCALE", 1.0),
+        bzero=_float(c, "BZERO", 0.0),
+    )
+
+
+# ---- range planning -------------------------------------------------------------------
+
+
+def coalesce(starts: npt.ArrayLike, stops: npt.ArrayLike, gap: int = 0) -> Ranges:
+    """Merge intervals ``[start, stop)`` that overlap or are at most ``gap`` apart.
+
+    Returns sorted, disjoint intervals covering every input interval.
+    """
+    a = np.asarray(starts, dtype=np.int64)
+    b = np.asarray(stops, dtype=np.int64)
+    keep = b > a
+    a, b = a[keep], b[keep]
+    if a.size == 0:
+        return []
+    order = np.argsort(a, kind="stable")
+    a, b = a[order], b[order]
+    reach = np.maximum.accumulate(b)
+    # A new run starts where an interval begins past everything before it plus the gap.
+    new = np.empty(a.size, dtype=bool)
+    new[0] = True
+    new[1:] = a[1:] > reach[:-1] + gap
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, a.size - 1)
+    return list(zip(a[first].tolist(), reach[last].tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to fetch some intervals of a file: the whole file, or requests of ranges.
+
+    ``requests`` holds one list of ranges per request (one range each unless
+    multi-range); ``cost`` is in bytes, with ``request_cost`` per request.
+    """
+
+    whole: bool
+    requests: list[Ranges]
+    cost: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(b - a for req in self.requests for a, b in req)
+
+
+def plan_reads(
+    spans: tuple[IntArray, IntArray],
+    rows: tuple[IntArray, IntArray] | None,
+    *,
+    file_size: int | None,
+    request_cost: int,
+    max_ranges: int = 64,
+    part_cost: int = 96,
+) -> ReadPlan:
+    """The cheapest way to fetch the bytes some boxes need.
+
+    Parameters
+    ----------
+    spans : (starts, stops)
+        One interval per box (for single-range requests).
+    rows : (starts, stops) or None
+        Finer intervals (one per box row) for multi-range requests; None when the
+        server does not take them.
+    file_size : int or None
+        Size of the whole file, when known; the whole file is one request.
+    request_cost : int
+        What one request costs, in bytes (latency times bandwidth, roughly); gaps
+        smaller than this are read rather than skipped.
+    max_ranges : int
+        Ranges per multi-range request at most (keeps the header short).
+    part_cost : int
+        Bytes each part of a multipart answer adds (its part headers).
+    """
+    single = coalesce(spans[0], spans[1], request_cost)
+    best = ReadPlan(
+        False,
+        [[r] for r in single],
+        len(single) * request_cost + sum(b - a for a, b in single),
+    )
+    if rows is not None:
+        fine = coalesce(rows[0], rows[1], part_cost)
+        if len(fine) > 1:
+            groups = [fine[i : i + max_ranges] for i in range(0, len(fine), max_ranges)]
+            cost = len(groups) * request_cost + len(fine) * part_cost + sum(b - a for a, b in fine)
+            if cost < best.cost:
+                best = ReadPlan(False, groups, cost)
+    if file_size is not None and request_cost + file_size <= best.cost:
+        best = ReadPlan(True, [[(0, file_size)]], request_cost + file_size)
+    return best
+
+
+class ByteStore:
+    """Fetched segments of one file, served back as zero-copy views.
+
+    Segments may overlap; a request is served by any one segment that covers it.
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._segments: list[tuple[int, bytes]] = []
+        self._lock = threading.Lock()  # added to from the loop, read from worker threads
+        self.nbytes = 0
+        self._longest = 0
+
+    def add(self, start: int, data: bytes) -> None:
+        if not data:
+            return
+        with self._lock:
+            i = bisect.bisect_right(self._starts, start)
+            self._starts.insert(i, start)
+            self._segments.insert(i, (start, data))
+            self.nbytes += len(data)
+            self._longest = max(self._longest, len(data))
+
+    def covers(self, start: int, stop: int) -> bool:
+        return self._find(start, stop) is not None
+
+    def missing(self, ranges: Iterable[tuple[int, int]]) -> Ranges:
+        """The ranges not fully held by one segment."""
+        return [(a, b) for a, b in ranges if self._find(a, b) is None]
+
+    def _find(self, start: int, stop: int) -> tuple[int, bytes] | None:
+        with self._lock:
+            # Only segments starting in [start - longest, start] can cover the interval.
+            j = bisect.bisect_right(self._starts, start) - 1
+            while j >= 0 and self._starts[j] >= start - self._longest:
+                s, data = self._segments[j]
+                if s + len(data) >= stop:
+                    return s, data
+                j -= 1
+        return None
+
+    def view(self, start: int, stop: int) -> tuple[bytes, int]:
+        """``(buffer, offset)`` such that ``buffer[offset:offset + stop - start]`` is it.
+
+        Raises
+        ------
+        KeyError
+            If no segment holds the whole interval (a planning bug, not bad luck).
+        """
+        found = self._find(start, stop)
+        if found is None:
+            raise KeyError(f"bytes [{start}, {stop}) were not fetched")
+        s, data = found
+        return data, start - s
+
+    def get(self, start: int, stop: int) -> memoryview:
+        data, at = self.view(start, stop)
+        return memoryview(data)[at : at + stop - start]
