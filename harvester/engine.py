@@ -50,7 +50,7 @@ __all__ = ["Harvester", "Report", "run"]
 
 _CHUNK = 1 << 17
 #: Largest batch in bytes of pixels; keeps a batch of 300 px cutouts from eating RAM.
-MAX_BATCH_BYTES = 16 * 2**20
+MAX_BATCH_BYTES = 8 * 2**20
 
 ProgressHook = Callable[[int, int], None]
 _G = TypeVar("_G", bound=AsyncIterator[Any])

@@ -151,11 +151,15 @@ class Plan:
         n = len(self)
         if n == 0:
             return
-        order = np.lexsort((self.y0, self.side, self.patch, self.tract))
-        key = np.stack([self.tract[order], self.patch[order], self.side[order]], axis=1)
-        starts = np.flatnonzero(np.any(np.diff(key, axis=0) != 0, axis=1)) + 1
+        # One int64 key per target for (tract, patch, side): fewer full-size temporaries
+        # than sorting on three columns, which matters for millions of targets.
+        npatch = self.skymap.num_patches**2
+        group = (self.tract * npatch + self.patch) * (int(self.side.max()) + 1) + self.side
+        order = np.lexsort((self.y0, group))
+        sorted_group = group[order]
+        starts = np.flatnonzero(sorted_group[1:] != sorted_group[:-1]) + 1
         bounds = np.concatenate([[0], starts, [n]])
-        del key, starts  # this generator lives as long as the run: keep only `order`
+        del group, sorted_group, starts  # the generator lives as long as the run
         per_target = 4 * len(self.planes) * len(self.bands)
         for a, b in itertools.pairwise(bounds.tolist()):
             first = order[a]

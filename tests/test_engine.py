@@ -238,19 +238,21 @@ def test_each_image_opened_once(
 def test_hostile_ids_stay_inside_output(
     tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
 ) -> None:
-    t = _targets_in_tract(tiny_skymap, tiny_tract, 6, seed=1)
-    t["id"] = np.array(["../../etc/x", "a/b", "a_b", "..", "/abs/path", "c\\d"])
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 7, seed=1)
+    t["id"] = np.array(["../../etc/x", "a/b", "a_b", "..", "/abs/path", "c\\d", "naïve/ü"])
     out = tmp_path / "out"
-    run(_config(tiny_repo, out, formats="fits"), t)  # type: ignore[arg-type]
+    run(_config(tiny_repo, out, formats="fits,stack"), t)  # type: ignore[arg-type]
     files = list((out / "fits").iterdir())
-    assert len(files) == 6
+    assert len(files) == 7
+    with h5py.File(out / "stack.h5") as f:
+        assert sorted(f["id"].asstr()[...]) == sorted(t["id"])
     for f in files:
         assert f.resolve().parent == (out / "fits").resolve()
     assert not (tmp_path / "etc").exists() and not Path("/abs/path.fits").exists()
     outputs = (
         sqlite3.connect(out / "ledger.sqlite").execute("SELECT output FROM targets").fetchall()
     )
-    assert len({o for (o,) in outputs}) == 6
+    assert len({o for (o,) in outputs}) == 7
 
 
 def test_bad_rows_recorded_or_raised(tmp_path: Path, tiny_repo: Repository) -> None:
