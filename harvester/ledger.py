@@ -215,12 +215,15 @@ class Ledger:
         Streams the ledger in chunks, so memory is a few bytes per row, not a
         Python object per row, however many targets there are.
         """
+        # rowid order is insertion order: rows of one shard arrive together, with no
+        # SQL sort (which would buffer every row); a resumed run's rows may not, so
+        # each shard's rows are sorted at the end.
         cur = self._db.execute(
             "SELECT stack_part, stack_row FROM targets WHERE stack_part IS NOT NULL "
-            "AND status IN ('ok', 'partial', 'no_coverage') ORDER BY stack_part, stack_row"
+            "AND status IN ('ok', 'partial', 'no_coverage') ORDER BY rowid"
         )
         parts: dict[str, list[npt.NDArray[np.int64]]] = {}
-        while chunk := cur.fetchmany(65536):
+        while chunk := cur.fetchmany(16384):
             names = [p for p, _ in chunk]
             rows = np.fromiter((r for _, r in chunk), dtype=np.int64, count=len(chunk))
             start = 0
@@ -228,7 +231,7 @@ class Ledger:
                 if i == len(chunk) or names[i] != names[start]:
                     parts.setdefault(names[start], []).append(rows[start:i])
                     start = i
-        return {p: np.concatenate(v) for p, v in parts.items()}
+        return {p: np.sort(np.concatenate(v)) for p, v in parts.items()}
 
     def close(self) -> None:
         with self._lock:
