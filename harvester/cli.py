@@ -416,12 +416,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, message: str) -> None:
         elapsed = time.perf_counter() - t0
         eta = elapsed / done * (total - done)
-        print(
-            f"\r[{done}/{total}] {message:<40} {elapsed:6.1f}s elapsed, ETA {eta:5.1f}s",
-            end="" if done < total else "\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = f"[{done}/{total}] {message:<40} {elapsed:6.1f}s elapsed, ETA {eta:5.1f}s"
+        if sys.stderr.isatty():  # redraw in place on a terminal; one line each in logs
+            print("\r" + line, end="" if done < total else "\n", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     repo = build_repository(args.root, spec, jobs=max(1, args.jobs), progress=progress)
     elapsed = time.perf_counter() - t0
