@@ -19,7 +19,7 @@ from ..cutout import CutoutBatch
 from ..errors import RepositoryError
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef, Repository
-from .base import PLANE_HDUS, HandleCache, ImageHandle, assemble_batch
+from .base import PLANE_HDUS, HandleCache, ImageHandle, assemble_batch, copy_boxes
 
 __all__ = ["CompressedHandle", "LocalSource", "MemmapHandle", "open_local"]
 
@@ -46,9 +46,7 @@ class MemmapHandle:
                 info = hdul.fileinfo(index)
                 shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
                 dtype = _BITPIX[int(header["BITPIX"])]
-                mm = np.memmap(
-                    path, dtype=dtype, mode="r", offset=int(info["datLoc"]), shape=shape
-                )
+                mm = np.memmap(path, dtype=dtype, mode="r", offset=int(info["datLoc"]), shape=shape)
                 self._maps.append(mm)
                 # Slicing a plain ndarray view skips np.memmap's per-slice bookkeeping.
                 self._planes[plane] = mm.view(np.ndarray)
@@ -68,13 +66,9 @@ class MemmapHandle:
         w: int,
         out: npt.NDArray[np.generic],
     ) -> None:
-        mm = self._planes.get(plane)
-        if mm is None:
-            return
-        # A plain loop of slice copies beats fancy indexing for small boxes: each copy
-        # touches only the rows of its box and converts from big-endian on the way.
-        for r, y, x in zip(rows.tolist(), ys.tolist(), xs.tolist(), strict=True):
-            out[r] = mm[y : y + h, x : x + w]
+        plane_data = self._planes.get(plane)
+        if plane_data is not None:
+            copy_boxes(plane_data, rows, ys, xs, h, w, out)
 
     def close(self) -> None:
         self._planes.clear()
@@ -151,8 +145,7 @@ class CompressedHandle:
                 full = self._full[plane] = hdu.data
                 self.full_decodes += 1
             if full is not None:
-                for r, y, x in zip(rows.tolist(), ys.tolist(), xs.tolist(), strict=True):
-                    out[r] = full[y : y + h, x : x + w]
+                copy_boxes(full, rows, ys, xs, h, w, out)
                 return
             section = hdu.section
             for r, y, x in zip(rows.tolist(), ys.tolist(), xs.tolist(), strict=True):
