@@ -268,7 +268,9 @@ def stage_breakdown(
     goes; with ``profile`` the whole replay runs under cProfile (the real run's work
     is in worker threads, which cProfile does not see).
     """
-    from harvester.engine import MAX_BATCH_BYTES, Harvester, _Result, _Run
+    from harvester.engine import MAX_BATCH_BYTES, Harvester
+    from harvester.engine import BatchResult as _Result
+    from harvester.engine import HarvestRun as _Run
     from harvester.repo import load_repository
     from harvester.sources.local import LocalSource
 

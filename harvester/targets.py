@@ -19,15 +19,18 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 from astropy import units as u
 from astropy.table import MaskedColumn, Table
 
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .skymap import SkyMap
+
+if TYPE_CHECKING:
+    from .repo import Repository
 
 __all__ = [
     "BadRow",
@@ -37,7 +40,11 @@ __all__ = [
     "Targets",
     "load_targets",
     "parse_size",
+    "random_targets",
 ]
+
+#: Chunk of targets for vectorised work whose temporaries would otherwise be large.
+_CHUNK = 1 << 17
 
 #: Column spellings tried, in order, when the config names none.
 DEFAULT_ID = ("id", "ID", "objectId", "object_id", "objid", "name", "Name", "NAME")
@@ -488,3 +495,41 @@ def _bands(col: Any, flag: Any, name: str, allowed: Sequence[str] | None) -> lis
             )
         out.append(tuple(dict.fromkeys(parts)))
     return out
+
+
+def random_targets(repo: Repository, spec: str, seed: int) -> Targets:
+    """``random:N``: N targets uniform over the repository's patch inner boxes."""
+    try:
+        n = int(spec.split(":", 1)[1])
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"bad value for run.targets: {spec!r} (random:N, N >= 1)") from None
+    keys = sorted({(r.tract, r.patch) for r in repo})
+    if not keys:
+        raise ConfigError(f"{repo.root}: the repository is empty")
+    sm = repo.skymap
+    rng = np.random.default_rng(seed)
+    ra, dec = np.empty(n), np.empty(n)
+    size = sm.config.patch_inner
+    tracts = np.array([k[0] for k in keys])
+    patches = np.array([k[1] for k in keys])
+    for a in range(0, n, _CHUNK):  # chunks keep temporaries small for millions of targets
+        m = min(_CHUNK, n - a)
+        which = rng.integers(0, len(keys), m)
+        px, py = patches[which] % sm.num_patches, patches[which] // sm.num_patches
+        x = px * size + rng.uniform(0, size, m) - 0.5
+        y = py * size + rng.uniform(0, size, m) - 0.5
+        ra[a : a + m], dec[a : a + m] = sm.pixel_to_sky(tracts[which], x, y)
+    # A point near a tract's edge may belong to a neighbouring tract; keep it anyway,
+    # it is a fair target (its home is whatever findTract says).
+    digits = len(str(n - 1))
+    return Targets(
+        id=np.char.add("t", np.arange(n).astype(f"U{digits}")),
+        ra=ra,
+        dec=dec,
+        size=np.zeros(n, dtype=np.int64),
+        bands=[()] * n,
+        row=np.arange(1, n + 1, dtype=np.int64),
+        source=spec,
+    )

@@ -1,0 +1,554 @@
+"""One harvest: its plan, ledger and sinks, and the stages that drive them.
+
+The stages (producer, fetchers, writers) are tasks in a task group that
+:class:`harvester.engine.Harvester` owns; this module holds what one run does in
+them: read a batch under the retry policy, write its outputs, then its ledger
+rows, and at the end build ``stack.h5`` and the grid pages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+import numpy.typing as npt
+
+from .config import RunConfig
+from .cutout import CutoutBatch
+from .errors import ConfigError, HarvesterError
+from .ledger import Ledger
+from .limits import RateLimiter
+from .plan import BatchSpec, Plan, make_plan
+from .sources.base import Source
+from .targets import Targets, TargetSource
+
+if TYPE_CHECKING:
+    from .engine import Harvester
+
+@dataclass
+class Report:
+    """What a run did. ``counts`` are ledger statuses of this run's target list."""
+
+    targets: int
+    counts: dict[str, int]
+    processed: int
+    skipped: int
+    seconds: float
+    images_opened: int
+    output: Path | None
+    outputs: dict[str, str] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def cutouts_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        order = ("ok", "partial", "no_coverage", "failed", "invalid")
+        counts = ", ".join(f"{k} {self.counts[k]}" for k in order if self.counts.get(k))
+        out = [
+            f"targets     {self.targets} ({counts or 'none'})",
+            f"this run    {self.processed} harvested, {self.skipped} already done (resume)",
+            f"time        {self.seconds:.2f} s, {self.cutouts_per_second:,.0f} targets/s, "
+            f"{self.images_opened} images opened",
+        ]
+        for name, where in self.outputs.items():
+            out.append(f"{name:<11} {where}")
+        for tid, err in self.failures[:5]:
+            out.append(f"failed      {tid}: {err}")
+        if len(self.failures) > 5:
+            out.append(f"            ... {len(self.failures) - 5} more failures in the ledger")
+        return out
+
+
+#: Largest batch in bytes of pixels; keeps a batch of 300 px cutouts from eating RAM.
+MAX_BATCH_BYTES = 8 * 2**20
+
+__all__ = ["MAX_BATCH_BYTES", "BatchResult", "HarvestRun", "Report"]
+
+
+@dataclass
+class BatchResult:
+    """A batch after fetch: the cutouts, or what failed, with attempts and times."""
+
+    spec: BatchSpec
+    batch: CutoutBatch | None
+    attempts: int
+    started: float
+    finished: float
+    failures: list[tuple[int, str, int]] = field(default_factory=list)  # (idx, error, attempts)
+
+
+class HarvestRun:
+    """One harvest: its plan, ledger and sinks, and the stages that drive them."""
+
+    def __init__(self, h: Harvester, targets: Targets, plan: Plan, skipped: int) -> None:
+        self.h = h
+        self.config = h.config
+        self.targets = targets
+        self.plan = plan
+        self.skipped = skipped
+        self.ledger: Ledger | None = None
+        self.fits: Any = None
+        self.stack: Any = None
+        self.processed = 0
+        self.failures: list[tuple[str, str]] = []
+        self.lock: Any = None
+        self._count_lock = threading.Lock()
+        self._done = self._total = 0
+
+    @classmethod
+    def prepare(cls, h: Harvester, source: TargetSource | Targets | None) -> HarvestRun:
+        config = h.config
+        targets = h.load(source)
+        ledger = None
+        skipped = 0
+        lock = None
+        if config.output is not None:
+            config.output.mkdir(parents=True, exist_ok=True)
+            lock = _lock_output(config.output)
+            ledger = Ledger(config.output / "ledger.sqlite")
+            previous = ledger.settings()
+            now = config.output_settings()
+            if previous is not None and previous != now:
+                key = next(k for k in now if previous.get(k) != now[k])
+                ledger.close()
+                lock.close()
+                raise ConfigError(
+                    f"{config.output} holds a run with {key} = {previous.get(key)!r}, this run "
+                    f"has {now[key]!r}; use another output folder or --fresh"
+                )
+            run_id = ledger.begin_run(now)
+            if targets.bad:
+                ledger.record(_invalid_rows(targets, run_id))
+            done = ledger.done_ids()
+            if done:
+                todo = np.flatnonzero(
+                    ~np.isin(targets.id, np.fromiter(done, dtype=object, count=len(done)))
+                )
+                skipped = len(targets) - len(todo)
+                plan_targets = targets.take(todo) if skipped else targets
+            else:
+                plan_targets = targets
+        else:
+            plan_targets = targets
+        side = config.size.pixels(h.repo.skymap)
+        plan = make_plan(plan_targets, h.repo, config.bands, side, config.planes)
+        _release_free_memory()
+        run = cls(h, targets, plan, skipped)
+        run.ledger = ledger
+        run.lock = lock
+        if ledger is not None and config.output is not None:
+            run._open_sinks(config.output, ledger.run_id or 0)
+        return run
+
+    def _open_sinks(self, out: Path, run_id: int) -> None:
+        # A run killed with -9 can leave temporary files (never final names); drop them.
+        for folder in (out, out / "fits", out / "stack_parts"):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+        formats = set(self.config.formats)
+        if "fits" in formats:
+            from .sinks.fits import FitsSink
+
+            self.fits = FitsSink(
+                out, run_info={"HRUN": str(run_id)}, skymap=self.plan.skymap.config.name
+            )
+            self.fits.open()
+        if formats & {"stack", "grid"}:
+            from .sinks.stack import StackSink
+
+            self.stack = StackSink(out, run_id)
+            self.stack.open()
+
+    # ---- the stages -------------------------------------------------------------
+
+    async def execute(self, source: Source, out: Any) -> None:
+        fetch = self.config.fetch
+        specs_send, specs_recv = anyio.create_memory_object_stream[BatchSpec](2 * fetch.concurrency)
+        res_send, res_recv = anyio.create_memory_object_stream[BatchResult](1)
+        rate = RateLimiter(fetch.rate)
+        self._done, self._total = 0, len(self.plan)
+        if self.h.progress is not None:
+            self.h.progress(0, self._total)
+        async with out, anyio.create_task_group() as tg:
+            tg.start_soon(self._produce, specs_send, rate)
+            async with specs_recv, res_send, res_recv:
+                for _ in range(fetch.concurrency):
+                    tg.start_soon(self._fetch, source, specs_recv.clone(), res_send.clone())
+                # As many writers as readers: writing FITS files is the slow side, and
+                # the sinks and the ledger are safe to call from several threads.
+                for _ in range(fetch.concurrency):
+                    tg.start_soon(self._writer, res_recv.clone(), out.clone())
+
+    async def _writer(self, recv: Any, out: Any) -> None:
+        async with recv, out:
+            async for result in recv:
+                batch = await anyio.to_thread.run_sync(self._write, result)
+                self._done += len(result.spec)
+                if self.h.progress is not None:
+                    self.h.progress(self._done, self._total)
+                if batch is not None:
+                    await out.send(batch)
+
+    async def _produce(self, send: Any, rate: RateLimiter) -> None:
+        async with send:
+            for spec in self.plan.batches(self.config.fetch.batch_size, MAX_BATCH_BYTES):
+                await rate.acquire()
+                await send.send(spec)
+
+    async def _fetch(self, source: Source, recv: Any, send: Any) -> None:
+        async with recv, send:
+            async for spec in recv:
+                await send.send(await self._read(source, spec))
+
+    async def _read(self, source: Source, spec: BatchSpec) -> BatchResult:
+        """Read a batch under the retry policy; isolate failing targets one by one."""
+        policy = self.h.retry
+        started = time.time()
+        give_up = time.monotonic() + policy.total
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                batch = await source.read(self.plan, spec)
+                return BatchResult(spec, batch, attempts, started, time.time())
+            except (OSError, HarvesterError, ValueError) as exc:
+                error: Exception = exc
+                if attempts >= policy.attempts or not policy.retryable(exc):
+                    break
+                delay = policy.delay(attempts, exc)
+                if time.monotonic() + delay > give_up:
+                    break
+                await anyio.sleep(delay)
+        if len(spec) == 1:
+            return BatchResult(
+                spec,
+                None,
+                attempts,
+                started,
+                time.time(),
+                [(int(spec.index[0]), _describe(error), attempts)],
+            )
+        # Split: the good targets of a batch must not pay for one bad image or box.
+        good: list[CutoutBatch] = []
+        failures: list[tuple[int, str, int]] = []
+        for i in spec.index:
+            r = await self._read(
+                source, BatchSpec(spec.tract, spec.patch, spec.side, np.array([i]))
+            )
+            if r.batch is not None:
+                good.append(r.batch)
+            # Every attempt counts: the batch's and the target's own.
+            failures += [(k, e, a + attempts) for k, e, a in r.failures]
+        return BatchResult(
+            spec, _concat(good) if good else None, attempts, started, time.time(), failures
+        )
+
+    def _write(self, result: BatchResult) -> CutoutBatch | None:
+        """Write a batch's outputs, then its ledger rows (runs in a worker thread)."""
+        batch = result.batch
+        t = self.plan.targets
+        rows: list[tuple[Any, ...]] = []
+        if batch is not None and len(batch):
+            outputs: list[str] | None = None
+            part: str | None = None
+            part_rows: npt.NDArray[np.int64] | None = None
+            if self.fits is not None:
+                outputs = self.fits.write(batch)
+            if self.stack is not None:
+                part, part_rows = self.stack.write(batch)
+            finished = time.time()
+            rows += self._rows(
+                batch.index,
+                batch.status.tolist(),
+                None,
+                result.attempts,
+                result.started,
+                finished,
+                batch.coverage.tolist(),
+                outputs,
+                part,
+                None if part_rows is None else part_rows.tolist(),
+            )
+        if result.failures:
+            idx = np.array([i for i, _, _ in result.failures], dtype=np.int64)
+            errors = [e for _, e, _ in result.failures]
+            with self._count_lock:
+                self.failures += list(zip(t.id[idx].tolist(), errors, strict=True))
+            rows += self._rows(
+                idx,
+                "failed",
+                errors,
+                [a for _, _, a in result.failures],
+                result.started,
+                result.finished,
+                None,
+                None,
+                None,
+                None,
+            )
+        if self.ledger is not None and rows:
+            self.ledger.record(rows)
+        with self._count_lock:
+            self.processed += len(batch) if batch is not None else 0
+        return batch
+
+    def _rows(
+        self,
+        idx: npt.NDArray[np.int64],
+        status: list[str] | str,
+        error: list[str] | None,
+        attempts: list[int] | int,
+        started: float,
+        finished: float,
+        coverage: list[float] | None,
+        outputs: list[str] | None,
+        part: str | None,
+        part_rows: list[int] | None,
+    ) -> list[tuple[Any, ...]]:
+        """Ledger rows for targets ``idx``, built column-wise (no per-target numpy)."""
+        t, plan = self.plan.targets, self.plan
+        n = len(idx)
+
+        def col(value: Any) -> Any:
+            return value if isinstance(value, list) else itertools.repeat(value, n)
+
+        run_id = self.ledger.run_id if self.ledger else None
+        return list(
+            zip(
+                t.id[idx].tolist(),
+                idx.tolist(),
+                t.row[idx].tolist(),
+                t.ra[idx].tolist(),
+                t.dec[idx].tolist(),
+                plan.tract[idx].tolist(),
+                plan.patch[idx].tolist(),
+                plan.x0[idx].tolist(),
+                plan.y0[idx].tolist(),
+                plan.side[idx].tolist(),
+                col(status),
+                col(error),
+                col(attempts),
+                col(started),
+                col(finished),
+                col(finished - started),
+                col(coverage),
+                col(outputs),
+                col(part),
+                col(part_rows),
+                col(run_id),
+                strict=False,  # repeated scalars are endless; lists set the length
+            )
+        )
+
+    # ---- the end ----------------------------------------------------------------
+
+    def finish(self, t0: float, opens: int) -> Report:
+        """Close the sinks, build stack.h5 and the grid, close the ledger; the report.
+
+        The time reported runs from the start of the harvest to the end of this,
+        since finishing the outputs is part of the work.
+        """
+        outputs: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        out = self.config.output
+        try:
+            if self.ledger is not None and out is not None:
+                outputs["ledger"] = str(out / "ledger.sqlite")
+                if self.fits is not None:
+                    self.fits.close()
+                    outputs["fits"] = str(out / "fits") + "/"
+                if self.stack is not None:
+                    path = self.stack.finalize(self.ledger.stack_parts())
+                    if path is not None and "stack" in self.config.formats:
+                        outputs["stack"] = str(path)
+                    if path is not None and "grid" in self.config.formats:
+                        pages = _grid(self.config, path, out, self.targets)
+                        if pages:
+                            outputs["grid"] = f"{pages[0]}" + (
+                                f" (+{len(pages) - 1} pages)" if len(pages) > 1 else ""
+                            )
+                counts = self.ledger.counts()
+                counts.setdefault("invalid", 0)
+                seconds = time.perf_counter() - t0
+                self.ledger.end_run({"counts": counts, "seconds": seconds})
+            else:
+                counts = {"ok": self.processed}
+        finally:
+            if self.ledger is not None:
+                self.ledger.close()
+            if self.lock is not None:
+                self.lock.close()
+        seconds = time.perf_counter() - t0
+        return Report(
+            targets=len(self.targets) + len(self.targets.bad),
+            counts=counts,
+            processed=self.processed,
+            skipped=self.skipped,
+            seconds=seconds,
+            images_opened=opens,
+            output=out,
+            outputs=outputs,
+            failures=self.failures,
+        )
+
+
+def _grid(config: RunConfig, stack_path: Path, out: Path, targets: Targets) -> list[Path]:
+    """Grid pages of the first ``max_stamps`` targets in target-list order."""
+    import h5py
+
+    from .sinks.grid import write_grid_pages
+
+    if config.grid.max_stamps == 0:
+        return []
+    with h5py.File(stack_path, "r") as f:
+        groups = [f] if "image" in f else [f[k] for k in sorted(f)]
+        g = groups[0]
+        order = np.argsort(g["index"][...], kind="stable")[: config.grid.max_stamps]
+        ids = [str(v) for v in g["id"].asstr()[...][order]]
+        status = [str(v) for v in g["status"].asstr()[...][order]]
+        band_names = str(g.attrs["bands"])
+        rows = _Rows(g["image"], order)
+        title = f"{out.name}: {len(ids)} cutouts"
+        return write_grid_pages(
+            ids,
+            rows,
+            list(band_names),
+            out,
+            band=config.grid.band,
+            rgb=config.grid.rgb,
+            stretch=config.grid.stretch,
+            per_page=config.grid.per_page,
+            columns=config.grid.columns,
+            title=title,
+            prefix="grid",
+            status=status,
+        )
+
+
+class _Rows:
+    """Rows of an HDF5 dataset in a chosen order, read a slice (page) at a time."""
+
+    def __init__(self, dataset: Any, order: npt.NDArray[np.int64]) -> None:
+        self.dataset = dataset
+        self.order = order
+        self.shape = (len(order), *dataset.shape[1:])
+        self.ndim = len(self.shape)
+        self.dtype = dataset.dtype
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, key: slice) -> npt.NDArray[np.float32]:
+        want = self.order[key]
+        sort = np.argsort(want)
+        data = (
+            self.dataset[np.sort(want).tolist()]
+            if len(want)
+            else np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        )
+        out = np.empty_like(data)
+        out[sort] = data
+        return out
+
+
+def _release_free_memory() -> None:
+    """Give the planning temporaries back to the OS (glibc keeps freed heap pages).
+
+    Planning a million targets frees a few hundred MB of short-lived arrays; without
+    this, glibc keeps them in its heaps and the run's resident size stays that much
+    higher for its whole life. A no-op where the C library has no malloc_trim.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _lock_output(out: Path) -> Any:
+    """Hold an exclusive lock on the output folder for the run (released on close).
+
+    Two runs writing one ledger and one set of shards at once would corrupt the
+    resume logic, so the second one is refused with a clear error.
+    """
+    handle = open(out / ".harvester.lock", "a")  # noqa: SIM115 (kept open for the run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"{out}: another harvester run is using this output folder") from None
+    return handle
+
+
+def _invalid_rows(targets: Targets, run_id: int) -> Iterator[tuple[Any, ...]]:
+    now = time.time()
+    for b in targets.bad:
+        # Keyed by row: an invalid row's id may be empty or the duplicate of a good one.
+        yield (
+            f"{b.id or ''}#row{b.row}",
+            None,
+            b.row,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            "invalid",
+            str(b),
+            0,
+            now,
+            now,
+            0.0,
+            None,
+            None,
+            None,
+            None,
+            run_id,
+        )
+
+
+def _describe(exc: BaseException | None) -> str:
+    return "unknown error" if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def _concat(batches: list[CutoutBatch]) -> CutoutBatch:
+    first = batches[0]
+
+    def cat(name: str) -> Any:
+        values = [getattr(b, name) for b in batches]
+        return None if values[0] is None else np.concatenate(values)
+
+    return CutoutBatch(
+        index=cat("index"),
+        ids=cat("ids"),
+        ra=cat("ra"),
+        dec=cat("dec"),
+        tract=cat("tract"),
+        patch=cat("patch"),
+        x0=cat("x0"),
+        y0=cat("y0"),
+        bands=first.bands,
+        image=cat("image"),
+        variance=cat("variance"),
+        mask=cat("mask"),
+        coverage=cat("coverage"),
+        crval=cat("crval"),
+        crpix0=first.crpix0,
+        scale_deg=first.scale_deg,
+        dataset_ids=cat("dataset_ids"),
+        files=cat("files"),
+    )
