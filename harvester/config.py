@@ -54,10 +54,15 @@ The ``[service]`` section (all keys optional)::
     timeout_connect = 10.0            # seconds to connect
     timeout_read = 120.0              # seconds without a byte before giving up
     cutouts_per_image = 3             # "auto": past this many cutouts, read the file
-    request_cost = 262144             # bytes one extra request is worth: gaps smaller
+    request_cost = 0                  # bytes one extra request is worth: gaps smaller
                                       # than this are read, not skipped; a whole file
-                                      # is downloaded when cheaper than its ranges
+                                      # is downloaded when cheaper than its ranges.
+                                      # 0: measured per storage host (seconds to an
+                                      # answer x body bytes per second; 256 kB until
+                                      # measured)
     cache_mb = 1024                   # image bytes kept in memory between batches
+    max_overread = 1.5                # with multi-range: prefer plans moving at most
+                                      # this many bytes per byte needed (0: cost only)
 
 The token is also read from the command line (``--token``), though the
 environment keeps it out of the process list.
@@ -156,7 +161,8 @@ class ServiceConfig:
     timeout_connect: float = 10.0
     timeout_read: float = 120.0
     cutouts_per_image: int = 3
-    request_cost: int = 262144
+    request_cost: int = 0
+    max_overread: float = 1.5
     cache_mb: int = 1024
 
     def __post_init__(self) -> None:
@@ -178,6 +184,8 @@ class ServiceConfig:
         for key in ("timeout_connect", "timeout_read"):
             value = getattr(self, key)
             _check(f"service.{key}", value, _number(value) and value > 0)
+        _check("service.max_overread", self.max_overread,
+               _number(self.max_overread) and (self.max_overread == 0 or self.max_overread >= 1))
         for key, low in (
             ("connections_per_host", 1),
             ("cutouts_per_image", 0),

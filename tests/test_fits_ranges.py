@@ -195,3 +195,27 @@ def test_byte_store_views_and_misses() -> None:
     with pytest.raises(KeyError):
         store.view(60, 70)
     assert store.nbytes == 60
+
+
+def test_max_overread_prefers_lean_multirange_plans() -> None:
+    """2,000 rows 200 bytes wide every 13,600 bytes: merged, they read 68x the need.
+
+    With an expensive request (10 MB) the cheapest plan is one merged range (ten
+    multi-range requests of 200 parts cost more); a 1.5 bound on bytes moved per
+    byte needed must pick the multi-range plan instead; without multi-range
+    (rows None) the bound cannot apply.
+    """
+    from harvester.sources.fits_ranges import plan_reads
+
+    starts = np.arange(0, 13_600 * 2000, 13_600, dtype=np.int64) + 2880
+    stops = starts + 200
+    spans = (starts[:1], stops[-1:])
+    args = {"file_size": None, "request_cost": 10**7, "max_ranges": 200, "part_cost": 96}
+    free = plan_reads(spans, (starts, stops), **args)
+    assert [len(r) for r in free.requests] == [1]
+    lean = plan_reads(spans, (starts, stops), max_overread=1.5, **args)
+    assert [len(r) for r in lean.requests] == [200] * 10  # one part per row
+    moved = sum(b - a for r in lean.requests for a, b in r) + 2000 * 96
+    assert moved <= 1.5 * int(np.sum(stops - starts))
+    single_only = plan_reads(spans, None, max_overread=1.5, **args)
+    assert [len(r) for r in single_only.requests] == [1]

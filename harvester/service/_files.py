@@ -12,14 +12,13 @@ Dependency rule: the service's leaf modules; no other route.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import uuid
 
 from aiohttp import web
 
 from ._state import STATE, ServiceState
-from ._storage import AccessDenied, BytesSource, FileSource, s3_error, serve_bytes
+from ._storage import AccessDenied, BytesSource, s3_error, serve_bytes
 
 __all__ = ["results_file", "store_file"]
 
@@ -68,25 +67,22 @@ async def store_file(request: web.Request) -> web.StreamResponse:
         return _no_such_key()
     ref = state.table.index.refs[i]
     try:
-        fd = os.open(state.repo.path_of(ref), os.O_RDONLY)
-    except OSError:
+        source, mtime = state.files.open(str(state.repo.path_of(ref)))
+    except (OSError, ValueError):
         return s3_error(500, "InternalError", "We encountered an internal error. Please try again.")
-    try:
-        st = os.fstat(fd)
-        etag = _etag(f"{ref.id}:{st.st_size}:{st.st_mtime_ns}")
-        return await serve_bytes(
-            request,
-            FileSource(fd),
-            st.st_size,
-            content_type="application/fits",
-            etag=etag,
-            last_modified=st.st_mtime,
-            multi_range=state.settings.multi_range,
-            max_ranges=state.settings.max_ranges,
-            slow_seconds=state.settings.slow_body_seconds,
-        )
-    finally:
-        os.close(fd)
+    _, _, size, mtime_ns = source.identity
+    etag = _etag(f"{ref.id}:{size}:{mtime_ns}")
+    return await serve_bytes(
+        request,
+        source,
+        size,
+        content_type="application/fits",
+        etag=etag,
+        last_modified=mtime,
+        multi_range=state.settings.multi_range,
+        max_ranges=state.settings.max_ranges,
+        slow_seconds=state.settings.slow_body_seconds,
+    )
 
 
 async def results_file(request: web.Request) -> web.StreamResponse:

@@ -18,7 +18,7 @@ from ._faults import FaultInjector
 from ._obscore import ObsCoreTable
 from ._results import ResultStore
 from ._settings import ServiceSettings
-from ._storage import Signer
+from ._storage import OpenFiles, Signer
 
 __all__ = ["STATE", "RequestRecord", "ServiceState"]
 
@@ -66,6 +66,8 @@ class ServiceState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     cutouts_done: int = 0
     storage_with_authorization: int = 0
+    #: Maps of the repository files served lately (see ``OpenFiles``).
+    files: OpenFiles = field(default_factory=OpenFiles)
 
     def base_url(self, request: web.Request) -> str:
         """The public URL prefix: configured, else bound, else the request's origin."""

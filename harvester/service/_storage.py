@@ -7,8 +7,15 @@ token, expire, and honour ``Range`` (one range: 206; several: 206
 ``multipart/byteranges``, or 200 with the whole body in object-store mode;
 unsatisfiable: 416 with ``Content-Range: bytes */size``). Errors are S3-style XML.
 
-Bytes are streamed in chunks (``os.pread`` in a worker thread for files), never
-read whole. The drawn body faults (``truncate``, ``slow``) are applied here.
+Files are read through read-only memory maps kept between requests
+(:class:`OpenFiles`). A body of at most :data:`CHUNK` bytes (a typical multi-range
+answer: every part and its headers) is assembled in one go and sent with the
+response headers in one write; a larger single range (or whole file) goes out
+with ``sendfile(2)`` where the event loop supports it, the kernel copying from
+the page cache; anything else is streamed in blocks of at most :data:`CHUNK`
+bytes, never read whole. Blocks are copied on the event loop when they are a few
+kilobytes, else in a worker thread (so a cold page cache stalls a thread, not
+the loop). The drawn body faults (``truncate``, ``slow``) are applied here.
 
 Dependency rule: aiohttp, the standard library and :mod:`._http`.
 """
@@ -19,15 +26,20 @@ import asyncio
 import calendar
 import contextlib
 import email.utils
+import functools
 import hashlib
 import hmac
 import math
+import mmap
 import os
+import re
 import secrets
 import socket
 import struct
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
@@ -41,6 +53,7 @@ __all__ = [
     "ByteSource",
     "BytesSource",
     "FileSource",
+    "OpenFiles",
     "Signer",
     "Unsatisfiable",
     "abort_connection",
@@ -88,6 +101,7 @@ def _amz_date(t: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_date(text: str) -> float:
     """``YYYYMMDDTHHMMSSZ`` (or plain epoch seconds) to epoch seconds."""
     if text.isdigit():
@@ -165,6 +179,14 @@ class Signer:
             raise AccessDenied(403, "AccessDenied", "Request is not yet valid")
 
 
+_SIMPLE_RANGES = re.compile(
+    r"[ \t]*bytes[ \t]*=[ \t]*"
+    r"([0-9]{1,19}-[0-9]{1,19}(?:[ \t]*,[ \t]*[0-9]{1,19}-[0-9]{1,19})*)[ \t]*",
+    re.IGNORECASE,
+)
+_PAIR = re.compile(r"([0-9]+)-([0-9]+)")
+
+
 class Unsatisfiable(Exception):
     """No range of a Range header overlaps the body (416)."""
 
@@ -180,6 +202,21 @@ def parse_ranges(header: str, size: int, max_ranges: int) -> list[tuple[int, int
     Unsatisfiable
         If no range overlaps ``[0, size)``.
     """
+    simple = _SIMPLE_RANGES.fullmatch(header)
+    if simple is not None:  # the usual "bytes=a-b,c-d,...": no per-range string work
+        pairs = _PAIR.findall(simple[1])
+        if len(pairs) > max_ranges:
+            return None
+        fast: list[tuple[int, int]] = []
+        for first_text, last_text in pairs:
+            a, b = int(first_text), int(last_text)
+            if b < a:
+                return None
+            if a < size:
+                fast.append((a, min(b, size - 1)))
+        if not fast:
+            raise Unsatisfiable()
+        return fast
     unit, sep, spec = header.partition("=")
     if not sep or unit.strip().lower() != "bytes":
         return None
@@ -216,6 +253,10 @@ def _position(digits: str) -> int:
     return int(digits) if len(digits) <= 19 else 10**19
 
 
+#: A piece of a body: literal bytes, or ``(offset, length)`` of the source.
+Piece = bytes | tuple[int, int]
+
+
 class ByteSource(Protocol):
     """Something to send bytes from."""
 
@@ -223,16 +264,94 @@ class ByteSource(Protocol):
         """``length`` bytes from ``offset``."""
         ...
 
+    async def gather(self, pieces: Sequence[Piece], size: int) -> bytes:
+        """The pieces joined (``size`` bytes): literal bytes as they are,
+        ``(offset, length)`` read; shorter if the source ends early."""
+        ...
+
+
+def _join(data: mmap.mmap | memoryview, pieces: Sequence[Piece]) -> bytes:
+    return b"".join([p if isinstance(p, bytes) else data[p[0] : p[0] + p[1]] for p in pieces])
+
 
 class FileSource:
-    """A file descriptor read with ``os.pread`` in a worker thread."""
+    """A repository file, read through a read-only memory map.
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    Pieces are copied from the map on the event loop when they are few bytes in
+    all, else in a worker thread (a cold page cache then stalls a thread, not the
+    loop); a large single range goes out with ``sendfile(2)`` from ``path``. The
+    map is kept by :class:`OpenFiles` between requests: opening and mapping a file
+    costs more than answering a multi-range request from it.
+    """
+
+    #: Pieces of at most this many bytes in all are copied on the event loop.
+    INLINE = 64 * 1024
+
+    def __init__(
+        self, path: str, mapped: mmap.mmap | memoryview, identity: tuple[int, int, int, int]
+    ) -> None:
+        self.path = path
+        self.map = mapped
+        self.identity = identity
 
     async def read(self, offset: int, length: int) -> bytes:
+        return await self.gather([(offset, length)], length)
+
+    async def gather(self, pieces: Sequence[Piece], size: int) -> bytes:
+        if size <= self.INLINE:
+            return _join(self.map, pieces)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, os.pread, self.fd, length, offset)
+        return await loop.run_in_executor(None, _join, self.map, pieces)
+
+
+@dataclass
+class _Open:
+    key: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    map: mmap.mmap | memoryview
+    mtime: float
+
+
+class OpenFiles:
+    """Read-only maps of recently served files, at most ``capacity`` of them.
+
+    Each use checks the file with ``os.stat``: a replaced or rewritten file is
+    mapped again. A map dropped from the cache is unmapped once no answer uses it.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._files: OrderedDict[str, _Open] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def open(self, path: str) -> tuple[FileSource, float]:
+        """A source on the file, and its modification time.
+
+        Raises
+        ------
+        OSError
+            If the file cannot be opened or mapped.
+        """
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            found = self._files.get(path)
+            if found is not None and found.key == key:
+                self._files.move_to_end(path)
+                return FileSource(path, found.map, key), found.mtime
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            mapped: mmap.mmap | memoryview = (
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if st.st_size
+                else memoryview(b"")  # an empty file cannot be mapped
+            )
+        with self._lock:
+            self._files[path] = _Open(key, mapped, st.st_mtime)
+            self._files.move_to_end(path)
+            while len(self._files) > self.capacity:
+                self._files.popitem(last=False)
+        return FileSource(path, mapped, key), st.st_mtime
 
 
 class BytesSource:
@@ -244,9 +363,8 @@ class BytesSource:
     async def read(self, offset: int, length: int) -> bytes:
         return bytes(self.data[offset : offset + length])
 
-
-#: A piece of a body: literal bytes, or ``(offset, length)`` of the source.
-Piece = bytes | tuple[int, int]
+    async def gather(self, pieces: Sequence[Piece], size: int) -> bytes:
+        return _join(self.data, pieces)
 
 
 @dataclass(frozen=True)
@@ -295,19 +413,19 @@ def plan_body(
         headers["Content-Range"] = f"bytes {a}-{b}/{size}"
         return BodyPlan(206, headers, [(a, b - a + 1)], b - a + 1)
     boundary = secrets.token_hex(12)
-    pieces: list[Piece] = []
-    for a, b in ranges:
-        pieces.append(
-            (
-                f"--{boundary}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Range: bytes {a}-{b}/{size}\r\n\r\n"
-            ).encode()
-        )
-        pieces.append((a, b - a + 1))
-        pieces.append(b"\r\n")
-    pieces.append(f"--{boundary}--\r\n".encode())
+    # Each part: CRLF (ending the part before; not before the first), its headers,
+    # its bytes; then the closing delimiter.
+    head = f"\r\n--{boundary}\r\nContent-Type: {content_type}\r\nContent-Range: bytes "
+    tail = f"/{size}\r\n\r\n"
+    heads = [f"{head}{a}-{b}{tail}".encode("latin-1") for a, b in ranges]
+    heads[0] = heads[0][2:]
+    spans: list[Piece] = [(a, b - a + 1) for a, b in ranges]
+    closing = f"\r\n--{boundary}--\r\n".encode("latin-1")
+    pieces: list[Piece] = [closing] * (2 * len(ranges) + 1)
+    pieces[0:-1:2] = heads
+    pieces[1::2] = spans
     headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
-    total = sum(len(p) if isinstance(p, bytes) else p[1] for p in pieces)
+    total = sum(map(len, heads)) + sum(b - a + 1 for a, b in ranges) + len(closing)
     return BodyPlan(206, headers, pieces, total)
 
 
@@ -323,10 +441,22 @@ async def serve_bytes(
     max_ranges: int,
     slow_seconds: float,
 ) -> web.StreamResponse:
-    """Answer a GET or HEAD for ``size`` bytes of ``source``, honouring ``Range``."""
+    """Answer a GET or HEAD for ``size`` bytes of ``source``, honouring ``Range``.
+
+    A body of at most :data:`CHUNK` bytes (a typical multi-range answer) is read
+    in one go and sent with its headers in one write; larger ones are streamed.
+    """
     plan = plan_body(request, size, content_type, etag, last_modified, multi_range, max_ranges)
     if isinstance(plan, web.Response):
         return plan
+    fault = request.get(FAULT) if plan.total else None
+    if request.method != "HEAD" and plan.total <= CHUNK and fault not in ("truncate", "slow"):
+        data = await source.gather(plan.pieces, plan.total)
+        if len(data) != plan.total:
+            raise OSError("short read from the source")
+        small = web.Response(status=plan.status, headers=plan.headers, body=data)
+        apply_headers(request, small)
+        return small
     resp = web.StreamResponse(status=plan.status, headers=plan.headers)
     resp.content_length = plan.total
     apply_headers(request, resp)
@@ -334,6 +464,57 @@ async def serve_bytes(
     if request.method != "HEAD":
         await write_pieces(request, resp, source, plan.pieces, plan.total, slow_seconds)
     return resp
+
+
+#: Single ranges at least this long are sent with ``sendfile(2)`` when possible.
+SENDFILE_MIN = 64 * 1024
+
+
+def _blocks(pieces: Sequence[Piece], chunk: int) -> Iterator[tuple[list[Piece], int]]:
+    """The pieces in consecutive blocks of at most ``chunk`` bytes (big pieces split)."""
+    block: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        n = len(piece) if isinstance(piece, bytes) else piece[1]
+        if n <= chunk:
+            if block and size + n > chunk:
+                yield block, size
+                block, size = [], 0
+            block.append(piece)
+            size += n
+            continue
+        if block:
+            yield block, size
+            block, size = [], 0
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            if isinstance(piece, bytes):
+                yield [piece[i : i + m]], m
+            else:
+                yield [(piece[0] + i, m)], m
+    if block:
+        yield block, size
+
+
+async def _sendfile(request: web.Request, source: FileSource, offset: int, count: int) -> bool:
+    """Send ``count`` bytes of the source's file from ``offset`` with ``loop.sendfile``.
+
+    Returns False, having sent nothing, where that cannot be done (the transport
+    cannot, or the file on disk is no longer the one mapped).
+    """
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("Connection lost")
+    loop = asyncio.get_running_loop()
+    with open(source.path, "rb", buffering=0) as f:  # noqa: ASYNC230 - opening, no I/O
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != source.identity:
+            return False
+        try:
+            await loop.sendfile(transport, f, offset, count, fallback=False)
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
+            return False
+    return True
 
 
 async def write_pieces(
@@ -348,6 +529,16 @@ async def write_pieces(
     fault = request.get(FAULT)
     if fault not in ("truncate", "slow") or total == 0:
         fault = None
+    first = pieces[0] if len(pieces) == 1 else None
+    if (
+        fault is None
+        and isinstance(source, FileSource)
+        and isinstance(first, tuple)
+        and first[1] >= SENDFILE_MIN
+        and first[0] + first[1] <= len(source.map)
+        and await _sendfile(request, source, first[0], first[1])
+    ):
+        return
     limit = total // 2 if fault == "truncate" else total
     chunk, delay = CHUNK, 0.0
     if fault == "slow":
@@ -356,28 +547,20 @@ async def write_pieces(
     if fault is not None:
         request[FAULT_APPLIED] = fault
     sent = 0
-    for piece in pieces:
-        if isinstance(piece, bytes):
-            parts: list[bytes | tuple[int, int]] = [
-                piece[i : i + chunk] for i in range(0, len(piece), chunk)
-            ]
-        else:
-            offset, length = piece
-            parts = [(offset + i, min(chunk, length - i)) for i in range(0, length, chunk)]
-        for part in parts:
-            data = part if isinstance(part, bytes) else await source.read(*part)
-            if len(data) != (len(part) if isinstance(part, bytes) else part[1]):
-                raise OSError("short read from the source")
-            if sent + len(data) > limit:
-                data = data[: limit - sent]
-            if delay and sent:
-                await asyncio.sleep(delay)
-            if data:
-                await resp.write(data)
-            sent += len(data)
-            if fault == "truncate" and sent >= limit:
-                _close_after_flush(request)
-                return
+    for block, size in _blocks(pieces, chunk):
+        data = await source.gather(block, size)
+        if len(data) != size:
+            raise OSError("short read from the source")
+        if sent + len(data) > limit:
+            data = data[: limit - sent]
+        if delay and sent:
+            await asyncio.sleep(delay)
+        if data:
+            await resp.write(data)
+        sent += len(data)
+        if fault == "truncate" and sent >= limit:
+            _close_after_flush(request)
+            return
 
 
 def _close_after_flush(request: web.Request) -> None:

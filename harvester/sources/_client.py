@@ -20,6 +20,7 @@ Dependency rule: aiohttp, anyio, :mod:`harvester.config`, ``errors`` and ``limit
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import re
 import time
@@ -101,12 +102,18 @@ def first_line(body: bytes, limit: int = 200) -> str:
 
 @dataclass(frozen=True)
 class Response:
-    """An answer, body read in full (or not at all for an abandoned probe)."""
+    """An answer, body read in full (or not at all for an abandoned probe).
+
+    ``to_headers``: seconds from sending the request to its answer's headers;
+    ``body_seconds``: seconds then spent reading the body.
+    """
 
     status: int
     headers: Mapping[str, str]
     body: bytes
     url: str
+    to_headers: float = 0.0
+    body_seconds: float = 0.0
 
 
 @dataclass
@@ -125,32 +132,55 @@ class ClientStats:
 
 
 class _Quota:
-    """What the server's ``X-RateLimit-*`` headers say is left of a quota window."""
+    """What the server's ``X-RateLimit-*`` headers say is left of a quota window.
 
-    def __init__(self) -> None:
+    ``X-RateLimit-Reset`` is in whole seconds (rounded up), so a window may end up
+    to a second before it says. With the window's length known (``per_minute``, the
+    configured quota, and ``X-RateLimit-Limit`` give it) and the answer to the
+    request that opened the window seen (``X-RateLimit-Used: 1``), the window is
+    taken to end that long after this answer arrived, if that is within the second
+    the header allows: never before the true end, since the server counted the
+    request before answering it.
+    """
+
+    def __init__(self, per_minute: float = 0.0) -> None:
+        self.per_minute = per_minute
         self.remaining: int | None = None
         self.reset = 0.0
+        self.limit = 0
+        self.opened: float | None = None  # by then (client clock) the window had begun
         self.inflight = 0
+
+    def end(self) -> float:
+        """When the current window ends, as well as the client can tell."""
+        if self.opened is None or self.per_minute <= 0 or self.limit <= 0:
+            return self.reset
+        guess = self.opened + 60.0 * self.limit / self.per_minute
+        return guess if self.reset - 1.0 < guess < self.reset else self.reset
 
     async def wait(self, clock: Callable[[], float]) -> None:
         while self.remaining is not None and self.remaining - self.inflight <= 0:
-            now = clock()
-            if now >= self.reset:
+            now, end = clock(), self.end()
+            if now >= end:
                 self.remaining = None
                 break
-            await anyio.sleep(min(self.reset - now, 60.0) + 0.01)
+            await anyio.sleep(min(end - now, 60.0) + 0.01)
         self.inflight += 1
 
-    def update(self, headers: Mapping[str, str]) -> None:
+    def update(self, headers: Mapping[str, str], answered: float | None = None) -> None:
         try:
             remaining = int(headers["X-RateLimit-Remaining"])
             reset = float(headers["X-RateLimit-Reset"])
         except (KeyError, ValueError):
             return
         if reset > self.reset:
-            self.reset, self.remaining = reset, remaining
+            self.reset, self.remaining, self.opened = reset, remaining, None
         elif reset == self.reset and self.remaining is not None:
             self.remaining = min(self.remaining, remaining)
+        with contextlib.suppress(KeyError, ValueError):
+            self.limit = int(headers["X-RateLimit-Limit"])
+            if reset == self.reset and int(headers["X-RateLimit-Used"]) == 1:
+                self.opened = answered
 
 
 class ServiceClient:
@@ -244,7 +274,13 @@ class ServiceClient:
         if self._auth_failure is not None:
             raise RefusedError(self._auth_failure, 401)
         where = f"{method} {safe_url(url)}"
-        quota = self._quotas.setdefault(service, _Quota())
+        quota = self._quotas.get(service)
+        if quota is None:
+            per_minute = {
+                "cutout": self.settings.cutout_per_minute,
+                "sia": self.settings.sia_per_minute,
+            }.get(service, 0.0)
+            quota = self._quotas[service] = _Quota(per_minute)
         await quota.wait(self.clock)
         try:
             await self.rate(service).acquire()
@@ -257,7 +293,7 @@ class ServiceClient:
                 response = await self._send(method, url, service, params, data, send, probe)
         finally:
             quota.inflight -= 1
-        quota.update(response.headers)
+        quota.update(response.headers, self.clock())
         self._check(where, service, response)
         return response
 
@@ -272,6 +308,7 @@ class ServiceClient:
         probe: bool,
     ) -> Response:
         where = f"{method} {safe_url(url)}"
+        t0 = time.perf_counter()
         try:
             async with self.session.request(
                 method,
@@ -281,12 +318,14 @@ class ServiceClient:
                 headers=headers,
                 allow_redirects=False,
             ) as resp:
+                t1 = time.perf_counter()
                 if probe and resp.status == 200:
                     resp.close()  # do not download a whole file to learn "no ranges"
                     body = b""
                 else:
                     body = await resp.read()
                 status, got = resp.status, resp.headers
+                t2 = time.perf_counter()
         except aiohttp.ClientPayloadError as exc:
             self.stats.count(service, "error")
             raise TransientError(f"{where}: truncated body ({type(exc).__name__})") from exc
@@ -301,7 +340,7 @@ class ServiceClient:
         abandoned = probe and status == 200
         if not (encoded or abandoned) and length and length.isdigit() and int(length) != len(body):
             raise TransientError(f"{where}: truncated body ({len(body)} of {length} bytes)")
-        return Response(status, got, body, url)
+        return Response(status, got, body, url, t1 - t0, t2 - t1)
 
     def _check(self, where: str, service: str, r: Response) -> None:
         rate = self.rate(service)

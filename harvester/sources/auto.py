@@ -77,12 +77,14 @@ class AutoSource(BatchSource):
         session: RemoteSession,
         *,
         threshold: int = 3,
-        request_cost: int = 262144,
+        request_cost: int = 0,
         multirange: str = "auto",
         cache_bytes: int = 2**30,
+        max_overread: float = 1.5,
     ) -> None:
         self.files = FileReader(
-            session, request_cost=request_cost, multirange=multirange, cache_bytes=cache_bytes
+            session, request_cost=request_cost, multirange=multirange, cache_bytes=cache_bytes,
+            max_overread=max_overread,
         )
         self.cutouts = CutoutReader(session)
         self.model = CostModel(threshold)
@@ -102,7 +104,8 @@ async def open_remote(config: RunConfig) -> tuple[RemoteRepository, BatchSource]
     cost, multi, cache = s.request_cost, s.multirange, s.cache_mb * 2**20
     source: BatchSource
     if config.source == "http":
-        source = HttpSource(session, request_cost=cost, multirange=multi, cache_bytes=cache)
+        source = HttpSource(session, request_cost=cost, multirange=multi, cache_bytes=cache,
+                            max_overread=s.max_overread)
     elif config.source == "soda":
         source = SodaSource(session)
     elif config.source == "auto":
@@ -112,6 +115,7 @@ async def open_remote(config: RunConfig) -> tuple[RemoteRepository, BatchSource]
             request_cost=cost,
             multirange=multi,
             cache_bytes=cache,
+            max_overread=s.max_overread,
         )
     else:
         await session.aclose()

@@ -13,10 +13,18 @@ header is fetched and parsed once):
    interval per box row (multi-range); for a compressed plane the heap bytes of
    the tiles the boxes touch. :func:`.fits_ranges.plan_reads` picks the cheapest
    of single-range requests (boxes coalesced wherever a gap is cheaper to read
-   than a request, ``request_cost``), multi-range requests, and the whole file.
+   than a request), multi-range requests, and the whole file. What a request
+   costs is ``request_cost`` bytes, or when that is 0 (the default) measured per
+   storage host (:class:`RequestCost`: the wall time a request takes up times
+   the rate bodies arrive at; the part headers of multipart answers are
+   measured too), so plans follow the connection: few large reads over one
+   connection far from the store, more and finer ones close to it or with many
+   requests in flight.
    Single-range requests work everywhere; multi-range requests are used only on
    storage hosts that answered a probe with ``206 multipart/byteranges``
    (``multirange = "auto"``), and a ``200`` full body is taken as the whole file.
+   A multipart answer is kept as it came: its parts are located in one pass
+   (:func:`multipart_layout`) and box rows are gathered from it with numpy.
    Small files (under two request costs) are downloaded whole at once.
 3. **Tiles.** Compressed planes: only the touched tiles' bytes are fetched and
    decoded, in a worker thread, with astropy's own codecs (bit-identical to
@@ -34,7 +42,9 @@ a batch retried after a transient failure fetches only what it still lacks.
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
+import re
+import statistics
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,7 +57,8 @@ import numpy.typing as npt
 from ..errors import HarvesterError, TransientError, UsageError
 from ..repo import DatasetRef
 from ._batch import BatchSource, Boxes, pick_error
-from ._client import ExpiredUrl, ServiceClient, safe_url
+from ._client import ExpiredUrl, Response, ServiceClient, safe_url
+from .base import copy_boxes
 from .fits_ranges import (
     BLOCK,
     TILE_DECODING,
@@ -65,7 +76,15 @@ from .fits_ranges import (
 )
 from .remote import RemoteSession
 
-__all__ = ["FileReader", "HttpSource", "RangeFetcher", "RemoteImage", "parse_multipart"]
+__all__ = [
+    "FileReader",
+    "HttpSource",
+    "RangeFetcher",
+    "RemoteImage",
+    "RequestCost",
+    "multipart_layout",
+    "parse_multipart",
+]
 
 #: First read of a file: the primary header and, usually, the IMAGE header.
 FIRST_READ = 24 * BLOCK
@@ -75,6 +94,7 @@ PLANE_HDUS = {"image": "IMAGE", "mask": "MASK", "variance": "VARIANCE"}
 #: Images whose parsed headers are kept (their pixels are bounded by ``cache_bytes``).
 MAX_IMAGES = 4096
 _T = TypeVar("_T")
+IntArray = npt.NDArray[np.int64]
 
 
 # ---- range requests ------------------------------------------------------------------------
@@ -136,31 +156,191 @@ def parse_multipart(body: bytes, boundary: str) -> tuple[list[tuple[int, bytes]]
     raise TransientError("truncated multipart/byteranges body")
 
 
+_CONTENT_RANGE = re.compile(rb"\r\ncontent-range:[ \t]*bytes[ \t]+", re.IGNORECASE)
+
+
+def multipart_layout(
+    body: bytes, boundary: str, ranges: Ranges
+) -> tuple[IntArray, IntArray, int | None] | None:
+    """Where each requested range lies in a ``multipart/byteranges`` body, checked.
+
+    The fast path for the usual answer: one part per requested range, in order, each
+    with the same part headers but for its ``Content-Range``. The first part's
+    headers give the template; every part's expected headers (and the closing
+    delimiter) are then compared with the body's bytes between the parts, so a body
+    laid out any other way (ranges merged or reordered, another template) is never
+    misread: ``None`` is returned and :func:`parse_multipart` reads it part by part.
+
+    Returns
+    -------
+    (offsets, stops, total) or None
+        ``body[offsets[k]:offsets[k] + (b - a)]`` holds range ``k`` ``(a, b)``;
+        ``stops`` are the ranges' ends; ``total`` the file size (None for ``*``).
+    """
+    delim = b"--" + boundary.encode("latin-1")
+    if not ranges or not body.startswith(delim + b"\r\n"):
+        return None
+    head_end = body.find(b"\r\n\r\n", len(delim))
+    m = _CONTENT_RANGE.search(body, len(delim), max(head_end, 0) + 2)
+    if head_end < 0 or m is None:
+        return None
+    line_end = body.find(b"\r\n", m.end())
+    value = body[m.end() : line_end].decode("latin-1")
+    try:
+        a0, b0, total = parse_content_range("bytes " + value)
+    except TransientError:
+        return None
+    tail = "*" if total is None else str(total)
+    if (a0, b0) != ranges[0] or value != f"{a0}-{b0 - 1}/{tail}":
+        return None
+    prefix = body[: m.end()].decode("latin-1")
+    suffix = body[line_end : head_end + 4].decode("latin-1")
+    heads = [f"{prefix}{a}-{b - 1}/{tail}{suffix}" for a, b in ranges]
+    arr = np.array(ranges, dtype=np.int64)
+    lengths = arr[:, 1] - arr[:, 0]
+    head_len = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
+    head_len[1:] += 2  # the CRLF that ends the part before
+    offsets = np.cumsum(head_len) + np.cumsum(lengths) - lengths
+    end = int(offsets[-1] + lengths[-1])
+    closing = b"\r\n" + delim + b"--"
+    if body[end : end + len(closing)] != closing or len(body) > end + len(closing) + 2:
+        return None
+    expected = "\r\n".join(heads).encode("latin-1")
+    view = memoryview(body)
+    gaps = b"".join(
+        [view[o - h : o] for o, h in zip(offsets.tolist(), head_len.tolist(), strict=True)]
+    )
+    if gaps != expected:
+        return None
+    return offsets, arr[:, 1], total
+
+
 @dataclass(frozen=True)
 class Fetched:
-    """Bytes a request brought: segments, the file's size if told, whole or not."""
+    """Bytes a request brought: segments, the file's size if told, whole or not.
+
+    ``parts``: a multipart body kept as it came, with where each range lies in it
+    (file starts, file stops, offsets in the body).
+    """
 
     segments: list[tuple[int, bytes]]
     total: int | None
     whole: bool
+    parts: tuple[bytes, IntArray, IntArray, IntArray] | None = None
+
+
+class RequestCost:
+    """What one more request to a host costs, in bytes, measured on its answers.
+
+    The wall time a request takes up, the time to its answer's headers (latency,
+    queueing, the server's work) shared among the requests in flight with it (the
+    median over the last :data:`WINDOW` requests), times the rate at which bodies
+    arrive, measured on bodies of at least :data:`MIN_BODY` bytes (smaller ones
+    are mostly in the socket buffer before their headers are read), recent ones
+    weighing most; :data:`PRIOR_THROUGHPUT` until such a body came. Tens of
+    megabytes for one connection to a store 50 ms away, where reading a gap beats
+    another round trip; some hundreds of kilobytes over loopback or with many
+    requests in flight. ``prior`` until the host has answered a request.
+    """
+
+    WINDOW = 64
+    MIN_BODY = 1 << 20
+    #: Bytes per second assumed until a large body is measured (a typical stream
+    #: from an object store).
+    PRIOR_THROUGHPUT = 200e6
+    LOW = 16 * 1024
+    HIGH = 1 << 30
+
+    def __init__(self, prior: int) -> None:
+        self.prior = prior
+        self._waits: deque[float] = deque(maxlen=self.WINDOW)
+        self._bytes = 0.0
+        self._seconds = 0.0
+
+    def observe(
+        self, to_headers: float, nbytes: int, body_seconds: float, in_flight: int = 1
+    ) -> None:
+        """One answer: seconds to its headers, requests in flight when it was sent
+        (itself included), its body's size and reading time."""
+        self._waits.append(max(0.0, to_headers) / max(1, in_flight))
+        if nbytes >= self.MIN_BODY and body_seconds > 0:
+            self._bytes = 0.75 * self._bytes + nbytes
+            self._seconds = 0.75 * self._seconds + body_seconds
+
+    @property
+    def wait(self) -> float | None:
+        """Median wall seconds per request, if any answer came yet."""
+        return statistics.median(self._waits) if self._waits else None
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second of large bodies (the prior until one came)."""
+        return self._bytes / self._seconds if self._seconds > 0 else self.PRIOR_THROUGHPUT
+
+    @property
+    def bytes(self) -> int:
+        wait = self.wait
+        if wait is None:
+            return self.prior
+        return int(min(self.HIGH, max(self.LOW, wait * self.throughput)))
 
 
 class RangeFetcher:
     """Range requests on signed storage URLs: single ranges, multi-range, whole files.
 
     ``multirange``: ``"on"``, ``"off"``, or ``"auto"`` (probe each host once with
-    a two-range request; a ``200`` answer is abandoned unread).
+    a two-range request; a ``200`` answer is abandoned unread). Per host it also
+    measures what a request costs (:class:`RequestCost`) and how many bytes of
+    headers each part of a multipart answer carries (``part_cost``).
     """
 
-    def __init__(self, client: ServiceClient, multirange: str, max_ranges: int = 128) -> None:
+    #: Bytes each part of a multipart answer adds, until a host's answers tell.
+    PART_COST = 100
+
+    def __init__(
+        self,
+        client: ServiceClient,
+        multirange: str,
+        max_ranges: int = 200,
+        prior_cost: int = 262144,
+    ) -> None:
         self.client = client
         self.mode = multirange
         self.max_ranges = max_ranges
+        self.prior_cost = prior_cost
         self._multi: dict[str, bool] = {}
+        self._costs: dict[str, RequestCost] = {}
+        self._part_costs: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
         self._lock = anyio.Lock()
         self.requests = 0
         self.multi_requests = 0
         self.probes = 0
+
+    def cost(self, url: str) -> RequestCost:
+        """The request cost estimate of this URL's host."""
+        host = urlsplit(url).netloc
+        found = self._costs.get(host)
+        if found is None:
+            found = self._costs[host] = RequestCost(self.prior_cost)
+        return found
+
+    def part_cost(self, url: str) -> int:
+        """Bytes of part headers per part in this host's multipart answers."""
+        return round(self._part_costs.get(urlsplit(url).netloc, self.PART_COST))
+
+    async def _get(self, url: str, headers: dict[str, str]) -> Response:
+        """A storage GET, its timing fed to the host's :class:`RequestCost`."""
+        host = urlsplit(url).netloc
+        self._in_flight[host] = n = self._in_flight.get(host, 0) + 1
+        try:
+            r = await self.client.request(
+                "GET", url, service="storage", headers=headers, auth=False
+            )
+        finally:
+            self._in_flight[host] -= 1
+        self.cost(url).observe(r.to_headers, len(r.body), r.body_seconds, n)
+        return r
 
     async def multi_ok(self, url: str) -> bool:
         """Whether multi-range requests to this URL's host get multipart answers.
@@ -191,13 +371,7 @@ class RangeFetcher:
         header = "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in ranges)
         self.requests += 1
         self.multi_requests += len(ranges) > 1
-        r = await self.client.request(
-            "GET",
-            url,
-            service="storage",
-            headers={"Range": header, "Accept-Encoding": "identity"},
-            auth=False,
-        )
+        r = await self._get(url, {"Range": header, "Accept-Encoding": "identity"})
         where = f"GET {safe_url(url)}"
         if r.status == 200:  # no ranges here (or too many): the whole body came
             if len(ranges) > 1:
@@ -208,6 +382,14 @@ class RangeFetcher:
         ctype = r.headers.get("Content-Type", "")
         if ctype.startswith("multipart/byteranges"):
             boundary = ctype.partition("boundary=")[2].strip().strip('"')
+            layout = multipart_layout(r.body, boundary, ranges)
+            if layout is not None:
+                offsets, stops, total = layout
+                starts = stops - np.array([b - a for a, b in ranges], dtype=np.int64)
+                framing = (len(r.body) - int((stops - starts).sum())) / len(ranges)
+                host = urlsplit(url).netloc
+                self._part_costs[host] = 0.5 * self._part_costs.get(host, framing) + 0.5 * framing
+                return Fetched([], total, False, (r.body, starts, stops, offsets))
             parts, total = parse_multipart(r.body, boundary)
             return Fetched(parts, total, False)
         a, b, total = parse_content_range(r.headers.get("Content-Range"))
@@ -218,9 +400,7 @@ class RangeFetcher:
     async def whole(self, url: str) -> Fetched:
         """The whole file."""
         self.requests += 1
-        r = await self.client.request(
-            "GET", url, service="storage", headers={"Accept-Encoding": "identity"}, auth=False
-        )
+        r = await self._get(url, {"Accept-Encoding": "identity"})
         if r.status != 200:
             raise TransientError(f"GET {safe_url(url)}: unexpected {r.status}")
         return Fetched([(0, r.body)], len(r.body), True)
@@ -293,13 +473,12 @@ class FileHandle:
             return
         full = self._full.get(plane)
         if full is not None:
-            for r, y, x in zip(rows.tolist(), ys.tolist(), xs.tolist(), strict=True):
-                out[r] = full[y : y + h, x : x + w]
+            copy_boxes(full, rows, ys, xs, h, w, out)
             return
         if isinstance(layout, PlaneLayout):
-            boxes = layout.read(self._store, ys, xs, h, w)
-        else:
-            boxes = layout.read(self._tiles[plane], ys, xs, h, w)
+            out[rows] = layout.read(self._store, ys, xs, h, w)
+            return
+        boxes = layout.read(self._tiles[plane], ys, xs, h, w)
         for r, box in zip(rows.tolist(), boxes, strict=True):
             out[r] = box
 
@@ -314,25 +493,31 @@ class FileReader:
     ----------
     session : RemoteSession
     request_cost : int
-        Bytes one request is worth (gaps cheaper than this are read).
+        Bytes one request is worth (gaps cheaper than this are read); 0 measures it
+        per storage host (:class:`RequestCost`, from 256 kB until measured).
     multirange : str
         ``"auto"``, ``"on"`` or ``"off"``.
     cache_bytes : int
         Bytes of image data kept between batches (least recently used dropped).
     first_read : int
         Bytes read first from a file (the primary and, usually, IMAGE headers).
+    max_overread : float
+        With multi-range, prefer plans that move at most this many bytes per byte
+        needed (see :func:`~harvester.sources.fits_ranges.plan_reads`).
     """
 
     def __init__(
         self,
         session: RemoteSession,
         *,
-        request_cost: int = 262144,
+        request_cost: int = 0,
         multirange: str = "auto",
         cache_bytes: int = 2**30,
         first_read: int | None = None,
+        max_overread: float = 1.5,
     ) -> None:
         self.session = session
+        self.max_overread = max_overread
         self.ranges = RangeFetcher(session.client, multirange)
         self.first_read = FIRST_READ if first_read is None else first_read
         self.request_cost = request_cost
@@ -341,6 +526,13 @@ class FileReader:
         self.opens = 0
         self.whole_files = 0
         self.refreshed = 0
+
+    async def _request_cost(self, image: RemoteImage) -> int:
+        """Bytes one more request to the image's storage host is worth (see ``request_cost``)."""
+        if self.request_cost > 0:
+            return self.request_cost
+        links = await self.session.links_for(image.ref)
+        return self.ranges.cost(links.url).bytes if links.url else self.ranges.prior_cost
 
     def _image(self, ref: DatasetRef) -> RemoteImage:
         image = self._images.get(ref.id)
@@ -419,6 +611,8 @@ class FileReader:
     def _absorb(self, image: RemoteImage, fetched: Fetched) -> None:
         for start, data in fetched.segments:
             image.store.add(start, data)
+        if fetched.parts is not None:
+            image.store.add_parts(*fetched.parts)
         if fetched.total is not None:
             image.size = fetched.total
         if fetched.whole:
@@ -454,7 +648,7 @@ class FileReader:
         if not image.opened:
             if image.size is None:  # DataLink's content_length, when it gives one
                 image.size = (await self.session.links_for(image.ref)).size
-            if image.size is not None and image.size <= 2 * self.request_cost:
+            if image.size is not None and image.size <= 2 * await self._request_cost(image):
                 await self._fetch_whole(image)
             else:
                 await self._fetch(image, [(0, self.first_read)])
@@ -529,7 +723,8 @@ class FileReader:
             if not image.store.covers(lay.data_start, lay.data_start + lay.table_size)
         ]
         if missing:
-            merged = coalesce([a for a, _ in missing], [b for _, b in missing], self.request_cost)
+            cost = await self._request_cost(image)
+            merged = coalesce([a for a, _ in missing], [b for _, b in missing], cost)
             await self._fetch_all(image, [[r] for r in merged])
         for plane, lay in need.items():
             table = image.store.get(lay.data_start, lay.data_start + lay.table_size)
@@ -559,9 +754,12 @@ class FileReader:
                 ly, lx = ys - y0, xs - x0
                 if isinstance(layout, PlaneLayout):
                     a, b = layout.intervals(ly, lx, h, w, per_row=False)
-                    held = image.store.covers
-                    pairs = zip(a.tolist(), b.tolist(), strict=True)
-                    keep = np.array([not held(s, e) for s, e in pairs], dtype=bool)
+                    keep = ~image.store.covered(a, b)
+                    if keep.any():
+                        # A box fetched row by row (multi-range) is held if every row is.
+                        ra, rb = layout.intervals(ly[keep], lx[keep], h, w, per_row=True)
+                        rows_held = image.store.covered(ra, rb).reshape(-1, h).all(axis=1)
+                        keep[np.flatnonzero(keep)[rows_held]] = False
                     if keep.any():
                         spans.append((a[keep], b[keep]))
                         rows.append(layout.intervals(ly[keep], lx[keep], h, w, per_row=True))
@@ -595,14 +793,17 @@ class FileReader:
         rows: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]],
     ) -> None:
         multi = await self._call(image, self.ranges.multi_ok)
+        links = await self.session.links_for(image.ref)
         plan = plan_reads(
             (np.concatenate([a for a, _ in spans]), np.concatenate([b for _, b in spans])),
             (np.concatenate([a for a, _ in rows]), np.concatenate([b for _, b in rows]))
             if multi
             else None,
             file_size=image.size,
-            request_cost=self.request_cost,
+            request_cost=await self._request_cost(image),
             max_ranges=self.ranges.max_ranges,
+            part_cost=self.ranges.part_cost(links.url or ""),
+            max_overread=self.max_overread,
         )
         if plan.whole:
             await self._fetch_whole(image)
@@ -628,11 +829,13 @@ class HttpSource(BatchSource):
         self,
         session: RemoteSession,
         *,
-        request_cost: int = 262144,
+        request_cost: int = 0,
         multirange: str = "auto",
         cache_bytes: int = 2**30,
+        max_overread: float = 1.5,
     ) -> None:
         self.files = FileReader(
-            session, request_cost=request_cost, multirange=multirange, cache_bytes=cache_bytes
+            session, request_cost=request_cost, multirange=multirange, cache_bytes=cache_bytes,
+            max_overread=max_overread,
         )
         super().__init__("http", session, {"http": self.files}, lambda plan, boxes: "http")
