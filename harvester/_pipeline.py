@@ -35,6 +35,7 @@ from .targets import Targets, TargetSource
 if TYPE_CHECKING:
     from .engine import Harvester
 
+
 @dataclass
 class Report:
     """What a run did. ``counts`` are ledger statuses of this run's target list."""

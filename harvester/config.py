@@ -184,8 +184,11 @@ class ServiceConfig:
         for key in ("timeout_connect", "timeout_read"):
             value = getattr(self, key)
             _check(f"service.{key}", value, _number(value) and value > 0)
-        _check("service.max_overread", self.max_overread,
-               _number(self.max_overread) and (self.max_overread == 0 or self.max_overread >= 1))
+        _check(
+            "service.max_overread",
+            self.max_overread,
+            _number(self.max_overread) and (self.max_overread == 0 or self.max_overread >= 1),
+        )
         for key, low in (
             ("connections_per_host", 1),
             ("cutouts_per_image", 0),

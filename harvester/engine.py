@@ -38,8 +38,15 @@ from .sources.base import Source
 from .sources.local import LocalSource
 from .targets import Targets, TargetSource, load_targets, random_targets
 
-__all__ = ["MAX_BATCH_BYTES", "BatchResult", "HarvestRun", "Harvester", "Report",
-           "random_targets", "run"]
+__all__ = [
+    "MAX_BATCH_BYTES",
+    "BatchResult",
+    "HarvestRun",
+    "Harvester",
+    "Report",
+    "random_targets",
+    "run",
+]
 
 ProgressHook = Callable[[int, int], None]
 _G = TypeVar("_G", bound=AsyncIterator[Any])
@@ -207,9 +214,7 @@ class Harvester:
             scope.cancel()
             with anyio.CancelScope(shield=True):
                 await done.wait()
-                stats.report = await anyio.to_thread.run_sync(
-                    run.finish, t0, source.opens
-                )
+                stats.report = await anyio.to_thread.run_sync(run.finish, t0, source.opens)
 
 
 @dataclass

@@ -261,7 +261,9 @@ def make_plan(
         cols["x0"][a:b], cols["y0"][a:b] = x0, y0
         s = side[a:b]
         crossing[a:b] = (
-            (x0 < ox0) | (y0 < oy0) | (x0 + s > ox0 + size + 2 * border)
+            (x0 < ox0)
+            | (y0 < oy0)
+            | (x0 + s > ox0 + size + 2 * border)
             | (y0 + s > oy0 + size + 2 * border)
         )
     return Plan(

@@ -463,11 +463,30 @@ def test_compressed_source_matches_full_decode(
 
 def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path, tiny_repo: Repository) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "harvester", "run", "--repo", str(tiny_repo.root),
-           "--targets", "random:20000", "--bands", "g,z", "--size", "40", "--formats",
-           "fits,stack", "--batch-size", "10", "--quiet", "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harvester",
+        "run",
+        "--repo",
+        str(tiny_repo.root),
+        "--targets",
+        "random:20000",
+        "--bands",
+        "g,z",
+        "--size",
+        "40",
+        "--formats",
+        "fits,stack",
+        "--batch-size",
+        "10",
+        "--quiet",
+        "--output",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     ledger = out / "ledger.sqlite"
     for _ in range(600):
         time.sleep(0.1)
@@ -480,8 +499,11 @@ def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path, tiny_repo: Repository) -> 
     _, err = proc.communicate(timeout=60)  # a guard against a hang, not a speed test
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    rows = sqlite3.connect(ledger).execute(
-        "SELECT output FROM targets WHERE status IN ('ok', 'partial', 'no_coverage')").fetchall()
+    rows = (
+        sqlite3.connect(ledger)
+        .execute("SELECT output FROM targets WHERE status IN ('ok', 'partial', 'no_coverage')")
+        .fetchall()
+    )
     assert 0 < len(rows) < 20000
     for (output,) in rows:
         assert (out / output).is_file()
@@ -510,8 +532,9 @@ def test_unreadable_image_fails_its_targets_only_and_resume_redoes_them(
     assert report.counts["failed"] == n_broken
     assert report.counts.get("ok", 0) + report.counts.get("partial", 0) == 60 - n_broken
     db = sqlite3.connect(out / "ledger.sqlite")
-    for error, attempts in db.execute("SELECT error, attempts FROM targets WHERE "
-                                      "status = 'failed'"):
+    for error, attempts in db.execute(
+        "SELECT error, attempts FROM targets WHERE status = 'failed'"
+    ):
         # A corrupt file is not worth retrying: one attempt in the batch, one alone.
         assert Path(ref.path).name in error and attempts == 2
     (root / ref.path).write_bytes(good_bytes)
@@ -525,14 +548,16 @@ def test_unreadable_image_fails_its_targets_only_and_resume_redoes_them(
     assert {a for (a,) in attempts} == {3}
 
 
-def test_per_target_sizes_and_bands(tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap,
-                                    tiny_tract: int, mosaic: dict) -> None:
+def test_per_target_sizes_and_bands(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int, mosaic: dict
+) -> None:
     """A row's own size and bands override the run's: other bands stay NO_DATA."""
     t = _targets_in_tract(tiny_skymap, tiny_tract, 3, seed=21)
     csv = tmp_path / "t.csv"
     lines = ["id,ra,dec,size,bands"]
-    for tid, r, d, size, bands in zip(t["id"], t["ra"], t["dec"], ("15", "4arcsec", ""),
-                                      ("z", "", "\"g,z\""), strict=True):
+    for tid, r, d, size, bands in zip(
+        t["id"], t["ra"], t["dec"], ("15", "4arcsec", ""), ("z", "", '"g,z"'), strict=True
+    ):
         lines.append(f"{tid},{float(r)!r},{float(d)!r},{size},{bands}")
     csv.write_text("\n".join(lines) + "\n")
     got = _harvest_all(_config(tiny_repo, None, size="9"), str(csv))

@@ -9,7 +9,24 @@ def test_all_members_exist_and_are_documented() -> None:
         if callable(member):
             assert member.__doc__, f"{name} has no docstring"
     public = {n for n in dir(harvester) if not n.startswith("_")}
-    submodules = {"cli", "config", "cutout", "engine", "errors", "ledger", "limits", "masks",
-                  "plan", "progress", "repo", "sinks", "skymap", "sources", "targets",
-                  "wcsheader", "synth", "service"}
+    submodules = {
+        "cli",
+        "config",
+        "cutout",
+        "engine",
+        "errors",
+        "ledger",
+        "limits",
+        "masks",
+        "plan",
+        "progress",
+        "repo",
+        "sinks",
+        "skymap",
+        "sources",
+        "targets",
+        "wcsheader",
+        "synth",
+        "service",
+    }
     assert public - submodules == set(harvester.__all__) - {"__version__"}

@@ -148,8 +148,7 @@ class StackSink:
                         dtype = np.int32 if plane == "mask" else np.float32
                         layouts[plane] = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
                     for key in (*_TABLE, "status"):
-                        dt = (h5py.string_dtype() if key in ("id", "status")
-                              else _TABLE_DTYPE[key])
+                        dt = h5py.string_dtype() if key in ("id", "status") else _TABLE_DTYPE[key]
                         columns[key] = g.create_dataset(key, shape=(n,), dtype=dt)
                     g.attrs["bands"] = str(f.attrs["bands"])
                     g.attrs["planes"] = ",".join(planes)
@@ -176,9 +175,20 @@ class StackSink:
 
 
 _TABLE_DTYPE = np.dtype(
-    [("index", "i8"), ("ra", "f8"), ("dec", "f8"), ("tract", "i8"), ("patch", "i8"),
-     ("x0", "i8"), ("y0", "i8"), ("coverage", "f8"), ("crval1", "f8"), ("crval2", "f8"),
-     ("crpix1", "f8"), ("crpix2", "f8")]
+    [
+        ("index", "i8"),
+        ("ra", "f8"),
+        ("dec", "f8"),
+        ("tract", "i8"),
+        ("patch", "i8"),
+        ("x0", "i8"),
+        ("y0", "i8"),
+        ("coverage", "f8"),
+        ("crval1", "f8"),
+        ("crval2", "f8"),
+        ("crpix1", "f8"),
+        ("crpix2", "f8"),
+    ]
 )
 
 

@@ -83,7 +83,10 @@ class AutoSource(BatchSource):
         max_overread: float = 1.5,
     ) -> None:
         self.files = FileReader(
-            session, request_cost=request_cost, multirange=multirange, cache_bytes=cache_bytes,
+            session,
+            request_cost=request_cost,
+            multirange=multirange,
+            cache_bytes=cache_bytes,
             max_overread=max_overread,
         )
         self.cutouts = CutoutReader(session)
@@ -104,8 +107,13 @@ async def open_remote(config: RunConfig) -> tuple[RemoteRepository, BatchSource]
     cost, multi, cache = s.request_cost, s.multirange, s.cache_mb * 2**20
     source: BatchSource
     if config.source == "http":
-        source = HttpSource(session, request_cost=cost, multirange=multi, cache_bytes=cache,
-                            max_overread=s.max_overread)
+        source = HttpSource(
+            session,
+            request_cost=cost,
+            multirange=multi,
+            cache_bytes=cache,
+            max_overread=s.max_overread,
+        )
     elif config.source == "soda":
         source = SodaSource(session)
     elif config.source == "auto":

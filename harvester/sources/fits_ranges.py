@@ -578,8 +578,13 @@ def plan_reads(
     candidates: list[tuple[ReadPlan, float, int]] = []
     single = coalesce(spans[0], spans[1], request_cost)
     moved = sum(b - a for a, b in single)
-    candidates.append((ReadPlan(False, [[r] for r in single], len(single) * request_cost + moved),
-                       len(single) * request_cost + moved, moved))
+    candidates.append(
+        (
+            ReadPlan(False, [[r] for r in single], len(single) * request_cost + moved),
+            len(single) * request_cost + moved,
+            moved,
+        )
+    )
     needed = 0
     if rows is not None:
         needed = int(np.sum(rows[1] - rows[0]))

@@ -835,7 +835,10 @@ class HttpSource(BatchSource):
         max_overread: float = 1.5,
     ) -> None:
         self.files = FileReader(
-            session, request_cost=request_cost, multirange=multirange, cache_bytes=cache_bytes,
+            session,
+            request_cost=request_cost,
+            multirange=multirange,
+            cache_bytes=cache_bytes,
             max_overread=max_overread,
         )
         super().__init__("http", session, {"http": self.files}, lambda plan, boxes: "http")
