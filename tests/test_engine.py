@@ -291,12 +291,17 @@ def _stack_by_id(path: Path) -> dict[str, np.ndarray]:
         return {s.decode(): f["image"][k] for k, s in enumerate(f["id"][...])}
 
 
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, tiny_repo: Repository) -> None:
-    args = [
+def _cli_run(repo: Repository, targets: str) -> list[str]:
+    """`harvester run` on the tiny repository, small batches, FITS and stack."""
+    return [
+        sys.executable,
+        "-m",
+        "harvester",
+        "run",
         "--repo",
-        str(tiny_repo.root),
+        str(repo.root),
         "--targets",
-        "random:1500",
+        targets,
         "--bands",
         "g,z",
         "--size",
@@ -307,7 +312,10 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, tiny_repo: Repo
         "10",
         "--quiet",
     ]
-    cmd = [sys.executable, "-m", "harvester", "run", *args]
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, tiny_repo: Repository) -> None:
+    cmd = _cli_run(tiny_repo, "random:1500")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     subprocess.run([*cmd, "--output", str(whole)], check=True, capture_output=True, cwd=ROOT)
 
@@ -341,7 +349,8 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, tiny_repo: Repo
         [*cmd, "--output", str(broken)], capture_output=True, text=True, cwd=ROOT
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{killed_at} already done" in resumed.stdout or killed_at <= 1500
+    # Exactly what the ledger held is skipped; exactly the rest is harvested.
+    assert f"{1500 - killed_at} harvested, {killed_at} already done" in resumed.stdout
     assert _ledger(broken) == _ledger(whole)
     a, b = _stack_by_id(whole), _stack_by_id(broken)
     assert a.keys() == b.keys() and len(a) == 1500
@@ -401,7 +410,8 @@ async def test_leaving_early_and_cancelling_stop_cleanly(
                     count += 1
                     if count == 20:
                         scope.cancel()
-        assert not scope.cancelled_caught or count >= 20
+        # A batch's cutouts may still arrive after cancel() before the next checkpoint.
+        assert scope.cancelled_caught and count >= 20
     # Whatever the ledger says is done has its outputs in place, and nothing else.
     rows = (
         sqlite3.connect(tmp_path / "ledger.sqlite")
@@ -463,27 +473,7 @@ def test_compressed_source_matches_full_decode(
 
 def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path, tiny_repo: Repository) -> None:
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "harvester",
-        "run",
-        "--repo",
-        str(tiny_repo.root),
-        "--targets",
-        "random:20000",
-        "--bands",
-        "g,z",
-        "--size",
-        "40",
-        "--formats",
-        "fits,stack",
-        "--batch-size",
-        "10",
-        "--quiet",
-        "--output",
-        str(out),
-    ]
+    cmd = [*_cli_run(tiny_repo, "random:20000"), "--output", str(out)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -189,8 +189,3 @@ def test_index_round_trip(tiny_repo: Repository) -> None:
 def test_unknown_band_rejected() -> None:
     with pytest.raises(ValueError, match="unknown band 'q'"):
         SynthSpec(patches=((1, 1),), bands=("q",))
-
-
-def test_agn_list_type() -> None:
-    agn = AgnList(("a",), (1.0,), (2.0,))
-    assert agn.ids == ("a",)

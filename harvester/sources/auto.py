@@ -75,20 +75,11 @@ class AutoSource(BatchSource):
     def __init__(
         self,
         session: RemoteSession,
+        files: FileReader,
         *,
         threshold: int = 3,
-        request_cost: int = 0,
-        multirange: str = "auto",
-        cache_bytes: int = 2**30,
-        max_overread: float = 1.5,
     ) -> None:
-        self.files = FileReader(
-            session,
-            request_cost=request_cost,
-            multirange=multirange,
-            cache_bytes=cache_bytes,
-            max_overread=max_overread,
-        )
+        self.files = files
         self.cutouts = CutoutReader(session)
         self.model = CostModel(threshold)
         super().__init__("auto", session, {"http": self.files, "soda": self.cutouts}, self.model)
@@ -104,27 +95,22 @@ async def open_remote(config: RunConfig) -> tuple[RemoteRepository, BatchSource]
     """
     s = config.service
     session = await open_session(s)
-    cost, multi, cache = s.request_cost, s.multirange, s.cache_mb * 2**20
     source: BatchSource
-    if config.source == "http":
-        source = HttpSource(
+    if config.source in ("http", "auto"):
+        files = FileReader(
             session,
-            request_cost=cost,
-            multirange=multi,
-            cache_bytes=cache,
+            request_cost=s.request_cost,
+            multirange=s.multirange,
+            cache_bytes=s.cache_mb * 2**20,
             max_overread=s.max_overread,
+        )
+        source = (
+            HttpSource(session, files)
+            if config.source == "http"
+            else AutoSource(session, files, threshold=s.cutouts_per_image)
         )
     elif config.source == "soda":
         source = SodaSource(session)
-    elif config.source == "auto":
-        source = AutoSource(
-            session,
-            threshold=s.cutouts_per_image,
-            request_cost=cost,
-            multirange=multi,
-            cache_bytes=cache,
-            max_overread=s.max_overread,
-        )
     else:
         await session.aclose()
         raise ConfigError(f"run.source {config.source!r} is not a remote source")

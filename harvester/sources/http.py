@@ -825,20 +825,6 @@ def decode_whole(image: RemoteImage) -> None:
 class HttpSource(BatchSource):
     """The ``http`` source: every image read from its file (see the module docstring)."""
 
-    def __init__(
-        self,
-        session: RemoteSession,
-        *,
-        request_cost: int = 0,
-        multirange: str = "auto",
-        cache_bytes: int = 2**30,
-        max_overread: float = 1.5,
-    ) -> None:
-        self.files = FileReader(
-            session,
-            request_cost=request_cost,
-            multirange=multirange,
-            cache_bytes=cache_bytes,
-            max_overread=max_overread,
-        )
+    def __init__(self, session: RemoteSession, files: FileReader) -> None:
+        self.files = files
         super().__init__("http", session, {"http": self.files}, lambda plan, boxes: "http")
