@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ..cutout import CutoutBatch
 from ..masks import NO_DATA
@@ -120,11 +121,34 @@ def copy_boxes(
 ) -> None:
     """``out[rows[k]] = src[ys[k]:ys[k]+h, xs[k]:xs[k]+w]`` for every k.
 
-    A plain loop of slice copies beats fancy indexing for small boxes: each copy
-    touches only the rows of its box and converts from big-endian on the way.
+    One gather in C over a sliding-window view of ``src`` (no copy of the view)
+    instead of a Python loop of slice copies: the per-box interpreter work was a
+    third of the read time for 50 px boxes. Each box still touches only its own
+    rows of ``src``, and the conversion from big-endian happens in the assignment.
+
+    Raises
+    ------
+    IndexError
+        If a box does not lie wholly inside ``src`` (negative indices would
+        otherwise wrap around silently).
     """
-    for r, y, x in zip(rows.tolist(), ys.tolist(), xs.tolist(), strict=True):
-        out[r] = src[y : y + h, x : x + w]
+    k = len(rows)
+    if k == 0:
+        return
+    height, width = src.shape
+    if (
+        int(ys.min()) < 0
+        or int(xs.min()) < 0
+        or int(ys.max()) + h > height
+        or int(xs.max()) + w > width
+    ):
+        raise IndexError(f"a {h}x{w} box falls outside a {height}x{width} plane")
+    boxes = sliding_window_view(src, (h, w))[ys, xs]
+    first = int(rows[0])
+    if int(rows[-1]) - first == k - 1 and (k == 1 or bool(np.all(np.diff(rows) == 1))):
+        out[first : first + k] = boxes  # the usual case: a run of rows, no scatter
+    else:
+        out[rows] = boxes
 
 
 def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBatch:
