@@ -11,10 +11,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
-import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,14 +106,27 @@ class HarvestRun:
         self.lock: Any = None
         self._count_lock = threading.Lock()
         self._done = self._total = 0
+        # Statuses of this run's target list: skipped ones as the ledger had them,
+        # then this run's outcomes, tallied as batches are written.
+        self.counts: Counter[str] = Counter()
+        self.prior_attempts: dict[str, int] = {}
 
     @classmethod
-    def prepare(cls, h: Harvester, source: TargetSource | Targets | None) -> HarvestRun:
+    def prepare(
+        cls, h: Harvester, source: TargetSource | Targets | None, recycle: bool = False
+    ) -> HarvestRun:
+        """Load targets, open the ledger and sinks, plan what is left to do.
+
+        With ``recycle`` the batches are not handed to the caller; their arrays go
+        back to a :class:`~harvester.sources.base.BufferPool` once written.
+        """
         config = h.config
         targets = h.load(source)
         ledger = None
         skipped = 0
         lock = None
+        earlier: Counter[str] = Counter()
+        prior: dict[str, int] = {}
         if config.output is not None:
             config.output.mkdir(parents=True, exist_ok=True)
             lock = _lock_output(config.output)
@@ -129,26 +141,34 @@ class HarvestRun:
                     f"{config.output} holds a run with {key} = {previous.get(key)!r}, this run "
                     f"has {now[key]!r}; use another output folder or --fresh"
                 )
-            run_id = ledger.begin_run(now)
+            ledger.begin_run(now)
             if targets.bad:
-                ledger.record(_invalid_rows(targets, run_id))
-            done = ledger.done_ids()
+                _record_invalid(ledger, targets)
+            done = ledger.done()
+            prior = ledger.attempts(done)
             if done:
-                todo = np.flatnonzero(
-                    ~np.isin(targets.id, np.fromiter(done, dtype=object, count=len(done)))
-                )
+                is_done = np.isin(targets.id, np.fromiter(done, dtype=object, count=len(done)))
+                todo = np.flatnonzero(~is_done)
                 skipped = len(targets) - len(todo)
                 plan_targets = targets.take(todo) if skipped else targets
+                earlier = Counter(done[i] for i in targets.id[is_done].tolist())
             else:
                 plan_targets = targets
         else:
             plan_targets = targets
         side = config.size.pixels(h.repo.skymap)
         plan = make_plan(plan_targets, h.repo, config.bands, side, config.planes)
+        if recycle:
+            from .sources.base import BufferPool
+
+            # Batches in flight: streams and stages on both sides of the writers.
+            plan.buffers = BufferPool(keep=4 * config.fetch.concurrency + 2)
         _release_free_memory()
         run = cls(h, targets, plan, skipped)
         run.ledger = ledger
         run.lock = lock
+        run.counts = earlier + Counter(invalid=len(targets.bad))
+        run.prior_attempts = prior
         if ledger is not None and config.output is not None:
             run._open_sinks(config.output, ledger.run_id or 0)
         return run
@@ -169,7 +189,7 @@ class HarvestRun:
         if formats & {"stack", "grid"}:
             from .sinks.stack import StackSink
 
-            self.stack = StackSink(out, run_id)
+            self.stack = StackSink(out, run_id, self.plan.targets.id)
             self.stack.open()
 
     # ---- the stages -------------------------------------------------------------
@@ -199,7 +219,12 @@ class HarvestRun:
                 self._done += len(result.spec)
                 if self.h.progress is not None:
                     self.h.progress(self._done, self._total)
-                if batch is not None:
+                if batch is None:
+                    continue
+                if self.plan.buffers is not None:
+                    # Written, and nobody else sees it (Harvester.run): reuse its arrays.
+                    self.plan.buffers.give(batch.image, batch.variance, batch.mask)
+                else:
                     await out.send(batch)
 
     async def _produce(self, send: Any, rate: RateLimiter) -> None:
@@ -259,99 +284,74 @@ class HarvestRun:
     def _write(self, result: BatchResult) -> CutoutBatch | None:
         """Write a batch's outputs, then its ledger rows (runs in a worker thread)."""
         batch = result.batch
+        spec = result.spec
         t = self.plan.targets
-        rows: list[tuple[Any, ...]] = []
+        ledger = self.ledger
+        part: str | None = None
+        part_rows = 0
+        tally: Counter[str] = Counter()
+        finished = result.finished
+        good: dict[str, Any] = {}
+        bad: dict[str, Any] = {}
         if batch is not None and len(batch):
-            outputs: list[str] | None = None
-            part: str | None = None
-            part_rows: npt.NDArray[np.int64] | None = None
             if self.fits is not None:
-                outputs = self.fits.write(batch)
+                good["output"] = self.fits.write(batch)
             if self.stack is not None:
                 part, part_rows = self.stack.write(batch)
+                good["stack_row"] = range(part_rows)
             finished = time.time()
-            rows += self._rows(
-                batch.index,
-                batch.status.tolist(),
-                None,
-                result.attempts,
-                result.started,
-                finished,
-                batch.coverage.tolist(),
-                outputs,
-                part,
-                None if part_rows is None else part_rows.tolist(),
+            status = batch.status
+            names, counts = np.unique(status, return_counts=True)
+            tally.update(dict(zip(names.tolist(), counts.tolist(), strict=True)))
+            good.update(
+                id=t.id[batch.index].tolist(),
+                idx=batch.index.tolist(),
+                status=status.tolist() if len(names) > 1 else str(names[0]),
+                coverage=batch.coverage.tolist(),
             )
+            self._add_prior_attempts(good, result.attempts)
         if result.failures:
             idx = np.array([i for i, _, _ in result.failures], dtype=np.int64)
             errors = [e for _, e, _ in result.failures]
+            tally["failed"] += len(idx)
             with self._count_lock:
                 self.failures += list(zip(t.id[idx].tolist(), errors, strict=True))
-            rows += self._rows(
-                idx,
-                "failed",
-                errors,
-                [a for _, _, a in result.failures],
-                result.started,
-                result.finished,
-                None,
-                None,
-                None,
-                None,
+            bad.update(
+                id=t.id[idx].tolist(),
+                idx=idx.tolist(),
+                status="failed",
+                error=errors,
+                attempts=[a for _, _, a in result.failures],
             )
-        if self.ledger is not None and rows:
-            self.ledger.record(rows)
+            self._add_prior_attempts(bad, 0)
+        if ledger is not None:
+            bid = ledger.new_batch()
+            groups = [(cols, len(cols["id"])) for cols in (good, bad) if cols]
+            where = (spec.tract, spec.patch, spec.side)
+            times = (result.started, finished, result.attempts)
+            shard = (part, part_rows if part is not None else None)
+            ledger.record(
+                (bid, ledger.run_id, *where, *times, *shard),
+                *[({**cols, "batch": bid}, n) for cols, n in groups],
+            )
         with self._count_lock:
             self.processed += len(batch) if batch is not None else 0
+            self.counts.update(tally)
         return batch
 
-    def _rows(
-        self,
-        idx: npt.NDArray[np.int64],
-        status: list[str] | str,
-        error: list[str] | None,
-        attempts: list[int] | int,
-        started: float,
-        finished: float,
-        coverage: list[float] | None,
-        outputs: list[str] | None,
-        part: str | None,
-        part_rows: list[int] | None,
-    ) -> list[tuple[Any, ...]]:
-        """Ledger rows for targets ``idx``, built column-wise (no per-target numpy)."""
-        t, plan = self.plan.targets, self.plan
-        n = len(idx)
+    def _add_prior_attempts(self, columns: dict[str, Any], this_run: int) -> None:
+        """Make ``attempts`` cumulative for ids an earlier run already tried.
 
-        def col(value: Any) -> Any:
-            return value if isinstance(value, list) else itertools.repeat(value, n)
-
-        run_id = self.ledger.run_id if self.ledger else None
-        return list(
-            zip(
-                t.id[idx].tolist(),
-                idx.tolist(),
-                t.row[idx].tolist(),
-                t.ra[idx].tolist(),
-                t.dec[idx].tolist(),
-                plan.tract[idx].tolist(),
-                plan.patch[idx].tolist(),
-                plan.x0[idx].tolist(),
-                plan.y0[idx].tolist(),
-                plan.side[idx].tolist(),
-                col(status),
-                col(error),
-                col(attempts),
-                col(started),
-                col(finished),
-                col(finished - started),
-                col(coverage),
-                col(outputs),
-                col(part),
-                col(part_rows),
-                col(run_id),
-                strict=False,  # repeated scalars are endless; lists set the length
-            )
-        )
+        ``this_run``: the attempts of this run when ``columns`` has none per id.
+        """
+        if not self.prior_attempts or "id" not in columns:
+            return
+        prior = [self.prior_attempts.get(i, 0) for i in columns["id"]]
+        if not any(prior):
+            return
+        mine = columns.get("attempts", this_run)
+        mine = mine if isinstance(mine, list) else [mine] * len(prior)
+        columns["attempts"] = [a + b for a, b in zip(mine, prior, strict=True)]
 
     # ---- the end ----------------------------------------------------------------
 
@@ -380,12 +380,12 @@ class HarvestRun:
                             outputs["grid"] = f"{pages[0]}" + (
                                 f" (+{len(pages) - 1} pages)" if len(pages) > 1 else ""
                             )
-                counts = self.ledger.counts()
+                counts = dict(self.counts)
                 counts.setdefault("invalid", 0)
                 seconds = time.perf_counter() - t0
                 self.ledger.end_run({"counts": counts, "seconds": seconds})
             else:
-                counts = {"ok": self.processed}
+                counts = dict(self.counts)
         finally:
             if self.ledger is not None:
                 self.ledger.close()
@@ -416,9 +416,10 @@ def _grid(config: RunConfig, stack_path: Path, out: Path, targets: Targets) -> l
     with h5py.File(stack_path, "r") as f:
         groups = [f] if "image" in f else [f[k] for k in sorted(f)]
         g = groups[0]
-        order = np.argsort(g["index"][...], kind="stable")[: config.grid.max_stamps]
-        ids = [str(v) for v in g["id"].asstr()[...][order]]
-        status = [str(v) for v in g["status"].asstr()[...][order]]
+        table = g["table"]
+        order = np.argsort(table["index"], kind="stable")[: config.grid.max_stamps]
+        ids = [v.decode("utf-8") for v in table["id"][order]]
+        status = [v.decode("ascii") for v in table["status"][order]]
         band_names = str(g.attrs["bands"])
         rows = _Rows(g["image"], order)
         title = f"{out.name}: {len(ids)} cutouts"
@@ -493,33 +494,22 @@ def _lock_output(out: Path) -> Any:
     return handle
 
 
-def _invalid_rows(targets: Targets, run_id: int) -> Iterator[tuple[Any, ...]]:
+def _record_invalid(ledger: Ledger, targets: Targets) -> None:
+    """The target list's invalid rows, as one ledger batch."""
     now = time.time()
-    for b in targets.bad:
+    bid = ledger.new_batch()
+    bad = targets.bad
+    columns: dict[str, Any] = {
         # Keyed by row: an invalid row's id may be empty or the duplicate of a good one.
-        yield (
-            f"{b.id or ''}#row{b.row}",
-            None,
-            b.row,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            "invalid",
-            str(b),
-            0,
-            now,
-            now,
-            0.0,
-            None,
-            None,
-            None,
-            None,
-            run_id,
-        )
+        "id": [f"{b.id or ''}#row{b.row}" for b in bad],
+        "row": [b.row for b in bad],
+        "status": "invalid",
+        "error": [str(b) for b in bad],
+        "attempts": 0,
+        "batch": bid,
+    }
+    row = (bid, ledger.run_id, None, None, None, now, now, 0, None, None)
+    ledger.record(row, (columns, len(bad)))
 
 
 def _describe(exc: BaseException | None) -> str:

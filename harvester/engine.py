@@ -168,9 +168,9 @@ class Harvester:
     async def run(self, targets: TargetSource | Targets | None = None) -> Report:
         """Harvest everything into the configured outputs; return the report."""
         stats = _Stats()
-        batches = self._track(self._batches(targets, stats))
+        batches = self._track(self._batches(targets, stats, recycle=True))
         async for _ in batches:
-            pass
+            pass  # with recycle, the stages keep the batches to themselves
         assert stats.report is not None
         return stats.report
 
@@ -185,14 +185,14 @@ class Harvester:
             await self._open.pop(0).aclose()
 
     async def _batches(
-        self, targets: TargetSource | Targets | None, stats: _Stats
+        self, targets: TargetSource | Targets | None, stats: _Stats, recycle: bool = False
     ) -> AsyncGenerator[CutoutBatch, None]:
         if self._tg is None or self._source is None:
             raise RuntimeError("use `async with Harvester(config) as h:` first")
         await self._close_stale(keep=self._open[-1] if self._open else None)
         source = self._source
         t0 = time.perf_counter()
-        run = await anyio.to_thread.run_sync(HarvestRun.prepare, self, targets)
+        run = await anyio.to_thread.run_sync(HarvestRun.prepare, self, targets, recycle)
         send, receive = anyio.create_memory_object_stream[CutoutBatch](1)
         scope = anyio.CancelScope()
         done = anyio.Event()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -127,6 +128,8 @@ class Plan:
     y0: IntArray
     crossing: npt.NDArray[np.bool_]
     wanted: npt.NDArray[np.bool_] | None = None  # (n, B): the target's own bands, if any
+    #: Where batch arrays come from (``sources.base.BufferPool``); None: fresh arrays.
+    buffers: Any = None
 
     def wants(self, idx: IntArray, b: int) -> npt.NDArray[np.bool_]:
         """Which of targets ``idx`` want band number ``b`` (all, unless a row said)."""

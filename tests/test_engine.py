@@ -30,6 +30,7 @@ from harvester.errors import ConfigError, HarvesterError, TargetError
 from harvester.masks import NO_DATA
 from harvester.repo import Repository
 from harvester.skymap import SkyMap
+from harvester.sinks.stack import stack_wcs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,13 +167,15 @@ def test_fits_outputs_wcs_and_provenance(
     assert report.counts.get("ok", 0) + report.counts.get("partial", 0) == 12
     tract_wcs = WCS(_tract_header(tiny_skymap, tiny_tract))
     db = sqlite3.connect(tmp_path / "ledger.sqlite")
-    rows = db.execute("SELECT id, output, x0, y0, status, attempts FROM targets").fetchall()
+    rows = db.execute("SELECT id, output, status, attempts FROM targets").fetchall()
     assert len(rows) == 12
-    for tid, output, x0, y0, status, attempts in rows:
+    for tid, output, status, attempts in rows:
         assert status in ("ok", "partial") and attempts == 1
         i = list(t["id"]).index(tid)
         with fits.open(tmp_path / output) as hdul:
             hdul.verify("exception")
+            # XY0 from the file, checked against the tract WCS below.
+            x0, y0 = -hdul["IMAGE_G"].header["LTV1"], -hdul["IMAGE_G"].header["LTV2"]
             assert hdul[0].header["RA"] == pytest.approx(t["ra"][i], abs=0)
             assert hdul[0].header["SKYMAP"] == "tiny"
             assert hdul[0].header["TRACT"] == tiny_tract
@@ -204,6 +207,7 @@ def test_stack_and_grid_outputs(
     report = run(config, t)  # type: ignore[arg-type]
     got = _harvest_all(_config(tiny_repo, None, size="25"), t)
     stack = tmp_path / "o" / "stack.h5"
+    tract_wcs = WCS(_tract_header(tiny_skymap, tiny_tract))
     # Read from another folder: the virtual datasets find their shards relative to stack.h5.
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -211,12 +215,20 @@ def test_stack_and_grid_outputs(
         with h5py.File(stack, "r") as f:
             assert f["image"].shape == (30, 2, 25, 25)
             assert f["mask"].dtype == np.int32 and f["variance"].shape == (30, 2, 25, 25)
-            ids = [s.decode() for s in f["id"][...]]
+            table = f["table"][...]
+            ids = [s.decode() for s in table["id"]]
             assert sorted(ids) == sorted(t["id"])
             for k, tid in enumerate(ids):
                 np.testing.assert_array_equal(f["image"][k], got[tid][0])
-                assert (int(f["x0"][k]), int(f["y0"][k])) == got[tid][3]
-            assert set(s.decode() for s in f["status"][...]) <= {"ok", "partial"}
+                assert (int(table["x0"][k]), int(table["y0"][k])) == got[tid][3]
+                i = list(t["id"]).index(tid)
+                assert table["ra"][k] == t["ra"][i] and table["index"][k] == i
+                # The row's WCS puts the target where the tract WCS does, minus XY0.
+                x, y = stack_wcs(f, k).all_world2pix(t["ra"][i], t["dec"][i], 0)
+                X, Y = tract_wcs.all_world2pix(t["ra"][i], t["dec"][i], 0)
+                assert abs(x - (X - table["x0"][k])) < 1e-6
+                assert abs(y - (Y - table["y0"][k])) < 1e-6
+            assert set(s.decode() for s in f["table"]["status"]) <= {"ok", "partial"}
     finally:
         os.chdir(cwd)
     pages = sorted((tmp_path / "o").glob("grid-*.png"))
@@ -245,7 +257,7 @@ def test_hostile_ids_stay_inside_output(
     files = list((out / "fits").iterdir())
     assert len(files) == 7
     with h5py.File(out / "stack.h5") as f:
-        assert sorted(f["id"].asstr()[...]) == sorted(t["id"])
+        assert sorted(s.decode() for s in f["table"]["id"]) == sorted(t["id"])
     for f in files:
         assert f.resolve().parent == (out / "fits").resolve()
     assert not (tmp_path / "etc").exists() and not Path("/abs/path.fits").exists()
@@ -288,7 +300,7 @@ def _ledger(path: Path) -> dict[str, str]:
 
 def _stack_by_id(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path / "stack.h5") as f:
-        return {s.decode(): f["image"][k] for k, s in enumerate(f["id"][...])}
+        return {s.decode(): f["image"][k] for k, s in enumerate(f["table"]["id"])}
 
 
 def _cli_run(repo: Repository, targets: str) -> list[str]:

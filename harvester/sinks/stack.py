@@ -6,23 +6,29 @@ and whose *virtual datasets* let many small files act as one array.
 
 How it is written, so that a run killed at any moment loses nothing:
 
-* every batch becomes one shard ``stack_parts/part-r<run>-<seq>.h5``, written to a
-  temporary name and renamed, before the ledger records its targets;
-* at the end of the run ``stack.h5`` is (re)built, again atomically: its
-  ``image``, ``variance`` and ``mask`` datasets are virtual datasets over the rows
-  the ledger says are done (a shard left by a crash before its ledger commit is
-  simply not referenced), and its table datasets are plain copies.
+* every batch becomes one shard ``stack_parts/part-r<run>-<seq>-<B>x<H>x<W>.h5``
+  holding its planes and one compound ``table`` dataset, nothing more (creating
+  an HDF5 dataset costs about as much as reading a batch of 50 px cutouts),
+  written to a temporary name and renamed before the ledger records its targets;
+* at the end of the run ``stack.h5`` is (re)built, again atomically, as virtual
+  datasets over the shards of the batches the ledger committed. Nothing is
+  copied, so finishing costs the same for 10^3 or 10^6 cutouts; a shard left by
+  a crash before its ledger commit is not referenced, and is deleted.
 
 ``stack.h5`` layout (one cutout size; with per-target sizes, one group per size
 named ``<H>x<W>`` holding the same datasets):
 
 * ``image``, ``variance`` (float32) and ``mask`` (int32): shape (N, B, H, W);
-* table, one entry per row: ``id``, ``index`` (position in the target list),
-  ``ra``, ``dec``, ``tract``, ``patch``, ``x0``, ``y0`` (XY0), ``status``,
-  ``coverage``, and the per-row WCS numbers ``crval1``, ``crval2``, ``crpix1``,
-  ``crpix2`` (FITS, 1-based), with the constant cards in the attribute
-  ``wcs_header`` (see :func:`stack_wcs`);
-* attributes ``bands``, ``planes``.
+* ``table``, shape (N,), one record per row with the fields ``id`` (UTF-8,
+  fixed width), ``index`` (position in the target list), ``ra``, ``dec``,
+  ``tract``, ``patch``, ``x0``, ``y0`` (XY0), ``coverage``, the WCS numbers
+  ``crval1``, ``crval2``, ``crpix1``, ``crpix2`` (FITS, 1-based; the constant cards
+  are in the attribute ``wcs_header``, see :func:`stack_wcs`) and ``status``.
+  One field reads as a column: ``f["table"]["ra"]``, ``f["table"]["id"]``;
+* attributes ``bands``, ``planes``, ``scale_deg``, ``wcs_header``.
+
+The virtual datasets name the shards by paths relative to ``stack.h5``: move or
+copy the output folder whole.
 """
 
 from __future__ import annotations
@@ -45,39 +51,37 @@ __all__ = ["StackSink", "stack_wcs"]
 
 PARTS = "stack_parts"
 STACK = "stack.h5"
-_TABLE = (
-    "id",
-    "index",
-    "ra",
-    "dec",
-    "tract",
-    "patch",
-    "x0",
-    "y0",
-    "coverage",
-    "crval1",
-    "crval2",
-    "crpix1",
-    "crpix2",
-)
+_PLANES = ("image", "variance", "mask")
 
 
 class StackSink:
-    """Writes batches as HDF5 shards; :meth:`finalize` builds ``stack.h5``."""
+    """Writes batches as HDF5 shards; :meth:`finalize` builds ``stack.h5``.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The run's output folder.
+    run_id : int
+        The ledger's run number (in the shard names, so runs never collide).
+    ids : array of str, optional
+        The run's target ids: they fix the width of the ``id`` field, so every
+        shard of a run has the same table type.
+    """
 
     name = "stack"
 
-    def __init__(self, out_dir: Path, run_id: int) -> None:
+    def __init__(self, out_dir: Path, run_id: int, ids: npt.NDArray[np.str_] | None = None) -> None:
         self.out_dir = out_dir
         self.run_id = run_id
         self._seq = itertools.count()
         self._lock = threading.Lock()
+        self._ascii, self._id_width = _id_width(ids)
 
     def open(self) -> None:
         (self.out_dir / PARTS).mkdir(parents=True, exist_ok=True)
 
-    def write(self, batch: CutoutBatch) -> tuple[str, npt.NDArray[np.int64]]:
-        """Write a shard; returns its name and each cutout's row in it."""
+    def write(self, batch: CutoutBatch) -> tuple[str, int]:
+        """Write a shard; returns its name and its number of rows (batch order)."""
         with self._lock:
             seq = next(self._seq)
         h, w = batch.shape
@@ -87,32 +91,44 @@ class StackSink:
         tmp = path.with_name(f".{name}.tmp")
         try:
             with h5py.File(tmp, "w") as f:
-                f.create_dataset("image", data=batch.image)
-                if batch.variance is not None:
-                    f.create_dataset("variance", data=batch.variance)
-                if batch.mask is not None:
-                    f.create_dataset("mask", data=batch.mask)
-                # Fixed-width strings and one compound table: each dataset costs an
-                # HDF5 object header, and shards are written at tens of thousands of
-                # cutouts per second.
-                f.create_dataset("id", data=np.char.encode(batch.ids.astype(str), "utf-8"))
-                f.create_dataset("status", data=batch.status.astype(np.bytes_))
-                f.create_dataset("table", data=_table(batch))
+                for plane in _PLANES:
+                    data = getattr(batch, plane)
+                    if data is not None:
+                        f.create_dataset(plane, data=data)
+                f.create_dataset("table", data=self._table(batch))
                 f.attrs["bands"] = "".join(batch.bands)
                 f.attrs["scale_deg"] = batch.scale_deg
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return name, np.arange(len(batch), dtype=np.int64)
+        return name, len(batch)
 
-    def finalize(self, parts: dict[str, npt.NDArray[np.int64]]) -> Path | None:
-        """Build ``stack.h5`` over the given rows of each shard, atomically.
+    def _table(self, batch: CutoutBatch) -> npt.NDArray[np.void]:
+        ids = batch.ids.astype(np.bytes_) if self._ascii else _utf8(batch.ids)
+        width = max(self._id_width, ids.dtype.itemsize)
+        table = np.empty(len(batch), dtype=_table_dtype(width))
+        table["id"] = ids
+        table["status"] = batch.status
+        table["index"], table["ra"], table["dec"] = batch.index, batch.ra, batch.dec
+        table["tract"], table["patch"] = batch.tract, batch.patch
+        table["x0"], table["y0"], table["coverage"] = batch.x0, batch.y0, batch.coverage
+        table["crval1"], table["crval2"] = batch.crval[:, 0], batch.crval[:, 1]
+        table["crpix1"] = batch.crpix0 + 1.0 - batch.x0
+        table["crpix2"] = batch.crpix0 + 1.0 - batch.y0
+        return table
 
-        ``parts`` maps shard names to the (sorted) rows that hold done targets, as
-        :meth:`harvester.ledger.Ledger.stack_parts` gives them. Each shard is opened
-        once; table columns are copied shard by shard, so memory stays flat.
+    def finalize(self, parts: dict[str, int]) -> Path | None:
+        """Build ``stack.h5`` over the given shards, atomically; drop other shards.
+
+        ``parts`` maps the names of the shards to keep to their row counts, as
+        :meth:`harvester.ledger.Ledger.stack_parts` gives them; any other shard in
+        ``stack_parts/`` was left by a crash before its ledger commit and is
+        deleted. Only the first shard of each run is opened (for its types).
         """
         final = self.out_dir / STACK
+        for stale in (self.out_dir / PARTS).glob("part-*.h5"):
+            if stale.name not in parts:
+                stale.unlink()
         if not parts:
             final.unlink(missing_ok=True)
             return None
@@ -131,46 +147,42 @@ class StackSink:
         return final
 
     def _write_group(
-        self,
-        g: h5py.Group,
-        shape: tuple[int, int, int],
-        parts: list[tuple[str, npt.NDArray[np.int64]]],
+        self, g: h5py.Group, shape: tuple[int, int, int], parts: list[tuple[str, int]]
     ) -> None:
-        n = sum(len(rows) for _, rows in parts)
-        layouts: dict[str, h5py.VirtualLayout] = {}
-        columns: dict[str, h5py.Dataset] = {}
+        # One look inside the first shard of each run: its planes, attributes and
+        # id width (fixed within a run; runs may differ, and HDF5 converts).
+        runs: dict[str, tuple[list[str], int]] = {}
+        attrs: dict[str, str | float] = {}
+        for part, _ in parts:
+            run = part.split("-")[1]
+            if run not in runs:
+                with h5py.File(self.out_dir / PARTS / part, "r") as f:
+                    runs[run] = ([p for p in _PLANES if p in f], f["table"].dtype["id"].itemsize)
+                    attrs = {"bands": str(f.attrs["bands"]), "scale_deg": f.attrs["scale_deg"]}
+        planes = next(iter(runs.values()))[0]
+        for run, (theirs, _) in runs.items():
+            if theirs != planes:
+                raise OSError(f"{PARTS}: run {run}'s shards hold {theirs}, others {planes}")
+        n = sum(rows for _, rows in parts)
+        width = max(w for _, w in runs.values())
+        layouts = {
+            plane: h5py.VirtualLayout((n, *shape), np.int32 if plane == "mask" else np.float32)
+            for plane in planes
+        }
+        layouts["table"] = h5py.VirtualLayout((n,), _table_dtype(width))
         at = 0
-        for k, (part, rows) in enumerate(parts):
-            with h5py.File(self.out_dir / PARTS / part, "r") as f:
-                if k == 0:
-                    planes = [p for p in ("image", "variance", "mask") if p in f]
-                    for plane in planes:
-                        dtype = np.int32 if plane == "mask" else np.float32
-                        layouts[plane] = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
-                    for key in (*_TABLE, "status"):
-                        dt = h5py.string_dtype() if key in ("id", "status") else _TABLE_DTYPE[key]
-                        columns[key] = g.create_dataset(key, shape=(n,), dtype=dt)
-                    g.attrs["bands"] = str(f.attrs["bands"])
-                    g.attrs["planes"] = ",".join(planes)
-                    g.attrs["scale_deg"] = float(f.attrs["scale_deg"])
-                length = int(f["image"].shape[0])
-                for plane, layout in layouts.items():
-                    # Relative to stack.h5's folder: the output folder can be moved whole.
-                    src = h5py.VirtualSource(f"{PARTS}/{part}", plane, shape=(length, *shape))
-                    at_plane = at
-                    for a, b in _runs(rows):
-                        layout[at_plane : at_plane + b - a] = src[a:b]
-                        at_plane += b - a
-                table = f["table"][...][rows]
-                for key, dset in columns.items():
-                    if key in ("id", "status"):
-                        raw = f[key][...][rows]
-                        dset[at : at + len(rows)] = np.char.decode(raw, "utf-8").astype(object)
-                    else:
-                        dset[at : at + len(rows)] = table[key]
-            at += len(rows)
-        for plane, layout in layouts.items():
-            g.create_virtual_dataset(plane, layout, fillvalue=np.nan if plane != "mask" else 0)
+        for part, rows in parts:
+            for name, layout in layouts.items():
+                dims = (rows,) if name == "table" else (rows, *shape)
+                # Relative to stack.h5's folder: the output folder can be moved whole.
+                layout[at : at + rows] = h5py.VirtualSource(f"{PARTS}/{part}", name, shape=dims)
+            at += rows
+        for name, layout in layouts.items():
+            fill = {"mask": 0, "table": None}.get(name, np.nan)
+            g.create_virtual_dataset(name, layout, fillvalue=fill)
+        g.attrs["bands"] = attrs["bands"]
+        g.attrs["planes"] = ",".join(planes)
+        g.attrs["scale_deg"] = float(attrs["scale_deg"])
         g.attrs["wcs_header"] = _WCS_TEMPLATE
 
 
@@ -192,15 +204,23 @@ _TABLE_DTYPE = np.dtype(
 )
 
 
-def _table(batch: CutoutBatch) -> npt.NDArray[np.void]:
-    table = np.empty(len(batch), dtype=_TABLE_DTYPE)
-    table["index"], table["ra"], table["dec"] = batch.index, batch.ra, batch.dec
-    table["tract"], table["patch"] = batch.tract, batch.patch
-    table["x0"], table["y0"], table["coverage"] = batch.x0, batch.y0, batch.coverage
-    table["crval1"], table["crval2"] = batch.crval[:, 0], batch.crval[:, 1]
-    table["crpix1"] = batch.crpix0 + 1.0 - batch.x0
-    table["crpix2"] = batch.crpix0 + 1.0 - batch.y0
-    return table
+def _table_dtype(id_width: int) -> np.dtype[np.void]:
+    return np.dtype([("id", f"S{id_width}"), *_TABLE_DTYPE.descr, ("status", "S11")])
+
+
+def _id_width(ids: npt.NDArray[np.str_] | None) -> tuple[bool, int]:
+    """(all ASCII?, widest id in UTF-8 bytes, at most) for a run's ids."""
+    if ids is None or ids.size == 0:
+        return False, 1
+    chars = max(ids.dtype.itemsize // 4, 1)
+    # A str array's code points as integers: the ASCII test is one vectorised max.
+    ascii_only = bool(np.ascontiguousarray(ids).view(np.uint32).max() < 128)
+    return ascii_only, chars if ascii_only else 4 * chars
+
+
+def _utf8(ids: npt.NDArray[np.str_]) -> npt.NDArray[np.bytes_]:
+    """Ids as fixed-width UTF-8 bytes."""
+    return np.char.encode(ids.astype(str), "utf-8")
 
 
 def _shape_of(part: str) -> tuple[int, int, int]:
@@ -215,25 +235,16 @@ _WCS_TEMPLATE = (
 )
 
 
-def _runs(rows: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
-    """Sorted unique rows as [a, b) runs of consecutive values."""
-    if rows.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [rows.size]])
-    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
-
-
 def stack_wcs(group: h5py.Group, i: int) -> WCS:
-    """The astropy WCS of row ``i`` of a stack (group), from its per-row numbers."""
+    """The astropy WCS of row ``i`` of a stack (group), from its table."""
     scale_deg = float(group.attrs["scale_deg"])
+    row = group["table"][i]
     header = fits.Header()
     header["CTYPE1"], header["CTYPE2"] = "RA---TAN", "DEC--TAN"
-    header["CRVAL1"] = float(group["crval1"][i])
-    header["CRVAL2"] = float(group["crval2"][i])
-    header["CRPIX1"] = float(group["crpix1"][i])
-    header["CRPIX2"] = float(group["crpix2"][i])
+    header["CRVAL1"] = float(row["crval1"])
+    header["CRVAL2"] = float(row["crval2"])
+    header["CRPIX1"] = float(row["crpix1"])
+    header["CRPIX2"] = float(row["crpix2"])
     header["CD1_1"], header["CD1_2"] = -scale_deg, 0.0
     header["CD2_1"], header["CD2_2"] = 0.0, scale_deg
     header["RADESYS"] = "ICRS"
