@@ -453,9 +453,36 @@ def measure_limit(
         maps, rows, ys, xs = jobs[0]
         ref = np.asarray(maps["image"][ys[0] : ys[0] + side, xs[0] : xs[0] + side], np.float32)
         assert np.array_equal(arrays["image"][rows[0]], ref, equal_nan=True)
+    # Context, not the check: (1) the same loop on maps opened inside the timing, as a
+    # fresh script would (file open, header parse, page-table faults); (2) the copy
+    # followed by writing the same bytes to files, one thread: a floor for any
+    # harvester that must write its output, which the limit above does not do.
+    cold, written = [], []
+    sink = WORK / "limit-write"
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fresh = MemmapFiles(repo)
+        fresh_jobs, _ = limit_jobs(plan, fresh)
+        limit_once(fresh_jobs, planes, arrays, side)
+        cold.append(time.perf_counter() - t0)
+        del fresh, fresh_jobs
+        _rmtree(sink)
+        sink.mkdir(parents=True)
+        t0 = time.perf_counter()
+        limit_once(jobs, planes, arrays, side)
+        for plane, a in arrays.items():
+            flat = a.reshape(len(a), -1)
+            step = max(1, 8 * 2**20 // max(flat[0].nbytes, 1))
+            for k, start in enumerate(range(0, len(a), step)):
+                with open(sink / f"{plane}-{k:06d}.raw", "wb") as f:
+                    f.write(flat[start : start + step].data)
+        written.append(time.perf_counter() - t0)
+    _rmtree(sink)
     del arrays
     out = _stats(times, n)
     out.update(info)
+    out["open_map_copy"] = _stats(cold, n)
+    out["copy_then_write_files"] = _stats(written, n)
     return out
 
 
@@ -892,6 +919,20 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{c['engine_over_limit_median']:>6.1%} | "
             f"{a['per_s_median']:>5.1f} ({a['per_s_best']:>5.1f}) {a['n']:>5} | "
             f"{c['engine_over_astrocut_median']:>11,.0f}x"
+        )
+    print()
+    print("context for the limit (cutouts/s, median): the same loop with the maps opened in")
+    print("the timing | the copy then writing the same bytes to files, one thread")
+    for c in results["combinations"]:
+        lim = c["limit_numpy_memmap"]
+        if "open_map_copy" not in lim:
+            continue
+        planes = "i" if len(c["planes"]) == 1 else "i+m+v"
+        cold, wr = lim["open_map_copy"]["per_s_median"], lim["copy_then_write_files"]
+        print(
+            f"  {c['output']:<5} {c['side']:>3}px {planes:<5} {cold:>9,.0f}/s "
+            f"(engine {c['engine']['per_s_median'] / cold:.0%}) | {wr['per_s_median']:>9,.0f}/s "
+            f"(engine {c['engine']['per_s_median'] / wr['per_s_median']:.0%})"
         )
     print()
     print("serial replay (one thread), seconds per stage:")

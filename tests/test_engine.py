@@ -238,6 +238,33 @@ def test_stack_and_grid_outputs(
     assert "grid" in report.outputs
 
 
+def test_resume_with_other_ids_and_stale_shards(
+    tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
+) -> None:
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 12, seed=4)
+    first = {k: v[:5] for k, v in t.items()}
+    out = tmp_path / "o"
+    run(_config(tiny_repo, out, formats="stack", size="15"), first)  # type: ignore[arg-type]
+    # A shard a crash left before its ledger commit: not referenced, then deleted.
+    stale = out / "stack_parts" / "part-r0099-000000-2x15x15.h5"
+    stale.write_bytes((out / "stack_parts").glob("part-*.h5").__next__().read_bytes())
+    # The second list keeps the first five and adds longer, non-ASCII ids: the two
+    # runs' shards have different id widths, and stack.h5 reads them as one table.
+    t["id"] = np.array([*t["id"][:5], *(f"longer-identifier-ü-{i}" for i in range(7))])
+    report = run(_config(tiny_repo, out, formats="stack", size="15"), t)  # type: ignore[arg-type]
+    assert report.skipped == 5 and report.processed == 7
+    assert not stale.exists()
+    got = _harvest_all(_config(tiny_repo, None, size="15"), t)
+    with h5py.File(out / "stack.h5") as f:
+        ids = [s.decode() for s in f["table"]["id"]]
+        assert sorted(ids) == sorted(t["id"])
+        for k, tid in enumerate(ids):
+            np.testing.assert_array_equal(f["image"][k], got[tid][0])
+    shards = {p.name for p in (out / "stack_parts").glob("part-*.h5")}
+    db = sqlite3.connect(out / "ledger.sqlite")
+    assert shards == {p for (p,) in db.execute("SELECT stack_part FROM batches") if p}
+
+
 def test_each_image_opened_once(
     tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
 ) -> None:
@@ -375,6 +402,10 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, tiny_repo: Repo
             fits.getdata(whole / "fits" / name, 1), fits.getdata(broken / "fits" / name, 1)
         )
     assert not list(broken.rglob("*.tmp"))
+    # Every shard left is one the ledger committed (a shard the kill left uncommitted is gone).
+    shards = {p.name for p in (broken / "stack_parts").glob("part-*.h5")}
+    db = sqlite3.connect(broken / "ledger.sqlite")
+    assert shards == {p for (p,) in db.execute("SELECT stack_part FROM batches") if p}
     # A third run has nothing left to do.
     again = subprocess.run(
         [*cmd, "--output", str(broken)], capture_output=True, text=True, cwd=ROOT, check=True
