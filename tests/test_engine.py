@@ -29,8 +29,8 @@ from harvester.engine import Harvester, run
 from harvester.errors import ConfigError, HarvesterError, TargetError
 from harvester.masks import NO_DATA
 from harvester.repo import Repository
-from harvester.skymap import SkyMap
 from harvester.sinks.stack import stack_wcs
+from harvester.skymap import SkyMap
 
 ROOT = Path(__file__).resolve().parents[1]
 
