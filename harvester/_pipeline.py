@@ -161,8 +161,8 @@ class HarvestRun:
         if recycle:
             from .sources.base import BufferPool
 
-            # Batches in flight: streams and stages on both sides of the writers.
-            plan.buffers = BufferPool(keep=4 * config.fetch.concurrency + 2)
+            # Batches in flight at most: one per fetcher and writer, one in the stream.
+            plan.buffers = BufferPool(keep=2 * config.fetch.concurrency + 2)
         _release_free_memory()
         run = cls(h, targets, plan, skipped)
         run.ledger = ledger
