@@ -371,6 +371,9 @@ class HarvestRun:
                     self.fits.close()
                     outputs["fits"] = str(out / "fits") + "/"
                 if self.stack is not None:
+                    moves = self.stack.merge(self.ledger.stack_parts())
+                    if moves:
+                        self.ledger.move_shards(moves)
                     path = self.stack.finalize(self.ledger.stack_parts())
                     if path is not None and "stack" in self.config.formats:
                         outputs["stack"] = str(path)

@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS batches (
     finished REAL,
     attempts INTEGER NOT NULL,
     stack_part TEXT,
-    stack_rows INTEGER
+    stack_rows INTEGER,
+    stack_offset INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS results (
     id TEXT NOT NULL,
@@ -92,7 +93,7 @@ SELECT r.id AS id, r.idx AS idx, r.row AS row, b.tract AS tract, b.patch AS patc
        b.started AS started, b.finished AS finished, b.finished - b.started AS seconds,
        r.coverage AS coverage, r.output AS output,
        CASE WHEN r.stack_row IS NULL THEN NULL ELSE b.stack_part END AS stack_part,
-       r.stack_row AS stack_row, b.run AS run
+       r.stack_row + b.stack_offset AS stack_row, b.run AS run
 FROM results AS r JOIN batches AS b ON b.batch = r.batch
 WHERE r.rowid IN (SELECT max(rowid) FROM results GROUP BY id);
 """
@@ -124,6 +125,7 @@ BATCH_COLUMNS = (
     "stack_part",
     "stack_rows",
 )
+# ``stack_offset`` (the batch's first row in its shard) is 0 until shards are merged.
 
 _VIEW_COLUMNS = (
     "id",
@@ -282,7 +284,8 @@ class Ledger:
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.execute(f"INSERT INTO batches VALUES ({bmarks})", batch)
+                names = ",".join(BATCH_COLUMNS)
+                self._db.execute(f"INSERT INTO batches ({names}) VALUES ({bmarks})", batch)
                 for sql, rows in statements:
                     self._db.executemany(sql, rows)
                 self._db.execute("COMMIT")
@@ -306,13 +309,33 @@ class Ledger:
     def stack_parts(self) -> dict[str, int]:
         """Stack shards of committed batches, with their row counts.
 
-        Every row of such a shard is a done target (a shard holds only its batch's
+        Every row of such a shard is a done target (a shard holds only its batches'
         good cutouts), and a shard whose batch never committed is not listed.
         """
         cur = self._db.execute(
-            "SELECT stack_part, stack_rows FROM batches WHERE stack_part IS NOT NULL"
+            "SELECT stack_part, SUM(stack_rows) FROM batches WHERE stack_part IS NOT NULL "
+            "GROUP BY stack_part"
         )
         return {str(p): int(n) for p, n in cur}
+
+    def move_shards(self, moves: dict[str, tuple[str, int]]) -> None:
+        """Point batches at merged shards: ``old -> (new, row offset of old in new)``.
+
+        One transaction, so the ledger names either the old shards or the merged
+        ones, never a mix of half of each.
+        """
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "UPDATE batches SET stack_part = ?, stack_offset = stack_offset + ? "
+                    "WHERE stack_part = ?",
+                    [(new, offset, old) for old, (new, offset) in moves.items()],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:

@@ -265,6 +265,50 @@ def test_resume_with_other_ids_and_stale_shards(
     assert shards == {p for (p,) in db.execute("SELECT stack_part FROM batches") if p}
 
 
+def test_many_shards_are_merged_and_stay_exact(
+    tmp_path: Path,
+    tiny_repo: Repository,
+    tiny_skymap: SkyMap,
+    tiny_tract: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from harvester.sinks import stack as stack_sink
+
+    # HDF5 reads a virtual dataset's unopenable sources (past `ulimit -n`) as fill
+    # values, silently; so stack.h5 may name only a few files. Force merging early.
+    monkeypatch.setattr(stack_sink, "MAX_SHARD_FILES", 4)
+    t = _targets_in_tract(tiny_skymap, tiny_tract, 80, seed=21)
+    first = {k: v[:50] for k, v in t.items()}
+    out = tmp_path / "o"
+    for targets in (first, t):  # a resume adds shards to merged ones
+        run(_config(tiny_repo, out, formats="stack", size="13", batch_size=3), targets)  # type: ignore[arg-type]
+        shards = sorted(p.name for p in (out / "stack_parts").glob("part-*.h5"))
+        assert 1 <= len(shards) <= 4
+    got = _harvest_all(_config(tiny_repo, None, size="13"), t)
+    db = sqlite3.connect(out / "ledger.sqlite")
+    assert {p for (p,) in db.execute("SELECT stack_part FROM batches") if p} == set(shards)
+    # The ledger's shard and row of every target hold that target's cutout.
+    for tid, part, row in db.execute("SELECT id, stack_part, stack_row FROM targets"):
+        with h5py.File(out / "stack_parts" / part) as f:
+            assert f["table"]["id"][row].decode() == tid
+            np.testing.assert_array_equal(f["image"][row], got[tid][0])
+    # And stack.h5 reads whole under a low open-file limit (in a child process).
+    code = (
+        "import resource, sys, h5py, numpy as np\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))\n"
+        "f = h5py.File(sys.argv[1])\n"
+        "print(int(np.isnan(f['image'][...]).sum()), len(f['table']))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(out / "stack.h5")], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    nan_pixels, rows = map(int, res.stdout.split())
+    assert rows == 80
+    expected_nan = sum(int(np.isnan(v[0]).sum()) for v in got.values())
+    assert nan_pixels == expected_nan
+
+
 def test_each_image_opened_once(
     tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
 ) -> None:

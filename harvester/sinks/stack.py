@@ -12,8 +12,10 @@ How it is written, so that a run killed at any moment loses nothing:
   written to a temporary name and renamed before the ledger records its targets;
 * at the end of the run ``stack.h5`` is (re)built, again atomically, as virtual
   datasets over the shards of the batches the ledger committed. Nothing is
-  copied, so finishing costs the same for 10^3 or 10^6 cutouts; a shard left by
-  a crash before its ledger commit is not referenced, and is deleted.
+  copied while there are at most :data:`MAX_SHARD_FILES` shards (HDF5 must hold
+  every source file open; see :meth:`StackSink.merge`, which copies runs of
+  shards into larger ones past that); a shard left by a crash before its ledger
+  commit is not referenced, and is deleted.
 
 ``stack.h5`` layout (one cutout size; with per-target sizes, one group per size
 named ``<H>x<W>`` holding the same datasets):
@@ -51,6 +53,9 @@ __all__ = ["StackSink", "stack_wcs"]
 
 PARTS = "stack_parts"
 STACK = "stack.h5"
+#: Most shard files ``stack.h5`` may name (see :meth:`StackSink.merge`).
+MAX_SHARD_FILES = 256
+_MERGE_BYTES = 64 * 2**20
 _PLANES = ("image", "variance", "mask")
 
 
@@ -116,6 +121,81 @@ class StackSink:
         table["crpix1"] = batch.crpix0 + 1.0 - batch.x0
         table["crpix2"] = batch.crpix0 + 1.0 - batch.y0
         return table
+
+    def merge(
+        self, parts: dict[str, int], max_files: int | None = None
+    ) -> dict[str, tuple[str, int]]:
+        """Merge shards when there are more than ``max_files``; returns the moves.
+
+        HDF5 keeps every source file of a virtual dataset open while it is read,
+        and a source it cannot open (``ulimit -n`` reached, 1024 on many systems)
+        silently reads as the fill value. So ``stack.h5`` may name only a few
+        hundred files: past ``max_files`` shards, runs of consecutive shards of
+        one shape are copied into merged shards (to a temporary name, then
+        renamed), at most ``max_files // 2`` in all. Returns ``{old: (merged,
+        row offset of old in merged)}`` for :meth:`Ledger.move_shards`; the old
+        shards stay until :meth:`finalize` finds them unreferenced, so a crash at
+        any point leaves a consistent stack.
+        """
+        limit = MAX_SHARD_FILES if max_files is None else max_files
+        if len(parts) <= limit:
+            return {}
+        per = -(-len(parts) // max(limit // 2, 1))  # shards per merged shard
+        groups: dict[tuple[int, int, int], list[str]] = defaultdict(list)
+        for part in sorted(parts):
+            groups[_shape_of(part)].append(part)
+        moves: dict[str, tuple[str, int]] = {}
+        seq = itertools.count()
+        for shape, names in sorted(groups.items()):
+            for start in range(0, len(names), per):
+                chunk = names[start : start + per]
+                if len(chunk) < 2:
+                    continue
+                merged = (
+                    f"part-r{self.run_id:04d}-m{next(seq):05d}-{shape[0]}x{shape[1]}x{shape[2]}.h5"
+                )
+                offsets = self._merge_into(merged, [(p, parts[p]) for p in chunk])
+                moves.update({p: (merged, o) for p, o in zip(chunk, offsets, strict=True)})
+        return moves
+
+    def _merge_into(self, merged: str, parts: list[tuple[str, int]]) -> list[int]:
+        folder = self.out_dir / PARTS
+        total = sum(rows for _, rows in parts)
+        with h5py.File(folder / parts[0][0], "r") as f:
+            planes = {p: (f[p].shape[1:], f[p].dtype) for p in _PLANES if p in f}
+            attrs = dict(f.attrs)
+        widths = []
+        for part, _ in parts:
+            with h5py.File(folder / part, "r") as f:
+                widths.append(f["table"].dtype["id"].itemsize)
+        path = folder / merged
+        tmp = path.with_name(f".{merged}.tmp")
+        offsets = []
+        try:
+            with h5py.File(tmp, "w") as out:
+                dsets = {
+                    p: out.create_dataset(p, (total, *sh), dt) for p, (sh, dt) in planes.items()
+                }
+                table = out.create_dataset("table", (total,), _table_dtype(max(widths)))
+                out.attrs.update(attrs)
+                at = 0
+                for part, rows in parts:
+                    offsets.append(at)
+                    with h5py.File(folder / part, "r") as f:
+                        if len(f["table"]) != rows:
+                            raise OSError(f"{PARTS}/{part}: {len(f['table'])} rows, ledger {rows}")
+                        # A slice at a time: memory stays flat however large the shards.
+                        step = max(1, _MERGE_BYTES // max(f["image"][0].nbytes, 1))
+                        for a in range(0, rows, step):
+                            b = min(rows, a + step)
+                            for plane, dset in dsets.items():
+                                dset[at + a : at + b] = f[plane][a:b]
+                            table[at + a : at + b] = f["table"][a:b].astype(table.dtype)
+                    at += rows
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return offsets
 
     def finalize(self, parts: dict[str, int]) -> Path | None:
         """Build ``stack.h5`` over the given shards, atomically; drop other shards.
