@@ -53,8 +53,9 @@ __all__ = ["StackSink", "stack_wcs"]
 
 PARTS = "stack_parts"
 STACK = "stack.h5"
-#: Most shard files ``stack.h5`` may name (see :meth:`StackSink.merge`).
-MAX_SHARD_FILES = 256
+#: Most shard files ``stack.h5`` may name: half the usual ``ulimit -n`` of 1024 (HDF5
+#: opens each source file once, whatever the number of datasets over it).
+MAX_SHARD_FILES = 512
 _MERGE_BYTES = 64 * 2**20
 _PLANES = ("image", "variance", "mask")
 
