@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,26 +126,6 @@ BATCH_COLUMNS = (
     "stack_rows",
 )
 # ``stack_offset`` (the batch's first row in its shard) is 0 until shards are merged.
-
-_VIEW_COLUMNS = (
-    "id",
-    "idx",
-    "row",
-    "tract",
-    "patch",
-    "side",
-    "status",
-    "error",
-    "attempts",
-    "started",
-    "finished",
-    "seconds",
-    "coverage",
-    "output",
-    "stack_part",
-    "stack_row",
-    "run",
-)
 
 
 @dataclass(frozen=True)
@@ -299,7 +279,8 @@ class Ledger:
         return {s: int(n) for s, n in cur}
 
     def rows(self, status: str | None = None) -> list[LedgerRow]:
-        sql = f"SELECT {','.join(_VIEW_COLUMNS)} FROM targets"
+        columns = ",".join(f.name for f in fields(LedgerRow))
+        sql = f"SELECT {columns} FROM targets"
         args: tuple[Any, ...] = ()
         if status is not None:
             sql += " WHERE status = ?"

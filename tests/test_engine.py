@@ -247,7 +247,7 @@ def test_resume_with_other_ids_and_stale_shards(
     run(_config(tiny_repo, out, formats="stack", size="15"), first)  # type: ignore[arg-type]
     # A shard a crash left before its ledger commit: not referenced, then deleted.
     stale = out / "stack_parts" / "part-r0099-000000-2x15x15.h5"
-    stale.write_bytes((out / "stack_parts").glob("part-*.h5").__next__().read_bytes())
+    stale.write_bytes(next((out / "stack_parts").glob("part-*.h5")).read_bytes())
     # The second list keeps the first five and adds longer, non-ASCII ids: the two
     # runs' shards have different id widths, and stack.h5 reads them as one table.
     t["id"] = np.array([*t["id"][:5], *(f"longer-identifier-ü-{i}" for i in range(7))])
@@ -278,6 +278,9 @@ def test_many_shards_are_merged_and_stay_exact(
     # values, silently; so stack.h5 may name only a few files. Force merging early.
     monkeypatch.setattr(stack_sink, "MAX_SHARD_FILES", 4)
     t = _targets_in_tract(tiny_skymap, tiny_tract, 80, seed=21)
+    # The first run's ids are wider than the second run's own: merged shards must
+    # keep them whole in stack.h5.
+    t["id"] = np.array([*(f"first-run-identifier-{i}" for i in range(50)), *t["id"][50:]])
     first = {k: v[:50] for k, v in t.items()}
     out = tmp_path / "o"
     for targets in (first, t):  # a resume adds shards to merged ones
@@ -305,6 +308,8 @@ def test_many_shards_are_merged_and_stay_exact(
     assert res.returncode == 0, res.stderr
     nan_pixels, rows = map(int, res.stdout.split())
     assert rows == 80
+    with h5py.File(out / "stack.h5") as f:
+        assert sorted(s.decode() for s in f["table"]["id"]) == sorted(t["id"])
     expected_nan = sum(int(np.isnan(v[0]).sum()) for v in got.values())
     assert nan_pixels == expected_nan
 

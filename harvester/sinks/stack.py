@@ -40,6 +40,7 @@ import os
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -162,13 +163,9 @@ class StackSink:
     def _merge_into(self, merged: str, parts: list[tuple[str, int]]) -> list[int]:
         folder = self.out_dir / PARTS
         total = sum(rows for _, rows in parts)
+        names, width, attrs = self._shard_types([p for p, _ in parts])
         with h5py.File(folder / parts[0][0], "r") as f:
-            planes = {p: (f[p].shape[1:], f[p].dtype) for p in _PLANES if p in f}
-            attrs = dict(f.attrs)
-        widths = []
-        for part, _ in parts:
-            with h5py.File(folder / part, "r") as f:
-                widths.append(f["table"].dtype["id"].itemsize)
+            planes = {p: (f[p].shape[1:], f[p].dtype) for p in names}
         path = folder / merged
         tmp = path.with_name(f".{merged}.tmp")
         offsets = []
@@ -177,7 +174,7 @@ class StackSink:
                 dsets = {
                     p: out.create_dataset(p, (total, *sh), dt) for p, (sh, dt) in planes.items()
                 }
-                table = out.create_dataset("table", (total,), _table_dtype(max(widths)))
+                table = out.create_dataset("table", (total,), _table_dtype(width))
                 out.attrs.update(attrs)
                 at = 0
                 for part, rows in parts:
@@ -197,6 +194,30 @@ class StackSink:
         finally:
             tmp.unlink(missing_ok=True)
         return offsets
+
+    def _shard_types(self, parts: list[str]) -> tuple[list[str], int, dict[str, Any]]:
+        """Planes, widest id and attributes of shards, opening as few as it may.
+
+        A run's own shards share one id width, so the first of each run is enough;
+        a merged shard takes the widest of whatever it merged, so each is opened.
+        """
+        seen: set[str] = set()
+        planes: list[str] | None = None
+        width, attrs = 1, dict[str, Any]()
+        for part in parts:
+            merged = part.split("-")[2].startswith("m")  # part-r0002-m00001-1x50x50.h5
+            family = part if merged else part.split("-")[1]
+            if family in seen:
+                continue
+            seen.add(family)
+            with h5py.File(self.out_dir / PARTS / part, "r") as f:
+                theirs = [p for p in _PLANES if p in f]
+                if planes is not None and theirs != planes:
+                    raise OSError(f"{PARTS}/{part} holds {theirs}, other shards {planes}")
+                planes = theirs
+                width = max(width, f["table"].dtype["id"].itemsize)
+                attrs = {"bands": str(f.attrs["bands"]), "scale_deg": float(f.attrs["scale_deg"])}
+        return planes or [], width, attrs
 
     def finalize(self, parts: dict[str, int]) -> Path | None:
         """Build ``stack.h5`` over the given shards, atomically; drop other shards.
@@ -230,22 +251,8 @@ class StackSink:
     def _write_group(
         self, g: h5py.Group, shape: tuple[int, int, int], parts: list[tuple[str, int]]
     ) -> None:
-        # One look inside the first shard of each run: its planes, attributes and
-        # id width (fixed within a run; runs may differ, and HDF5 converts).
-        runs: dict[str, tuple[list[str], int]] = {}
-        attrs: dict[str, str | float] = {}
-        for part, _ in parts:
-            run = part.split("-")[1]
-            if run not in runs:
-                with h5py.File(self.out_dir / PARTS / part, "r") as f:
-                    runs[run] = ([p for p in _PLANES if p in f], f["table"].dtype["id"].itemsize)
-                    attrs = {"bands": str(f.attrs["bands"]), "scale_deg": f.attrs["scale_deg"]}
-        planes = next(iter(runs.values()))[0]
-        for run, (theirs, _) in runs.items():
-            if theirs != planes:
-                raise OSError(f"{PARTS}: run {run}'s shards hold {theirs}, others {planes}")
+        planes, width, attrs = self._shard_types([p for p, _ in parts])
         n = sum(rows for _, rows in parts)
-        width = max(w for _, w in runs.values())
         layouts = {
             plane: h5py.VirtualLayout((n, *shape), np.int32 if plane == "mask" else np.float32)
             for plane in planes
