@@ -1,9 +1,9 @@
 """One harvest: its plan, ledger and sinks, and the stages that drive them.
 
-The stages (producer, fetchers, writers) are tasks in a task group that
-:class:`harvester.engine.Harvester` owns; this module holds what one run does in
-them: read a batch under the retry policy, write its outputs, then its ledger
-rows, and at the end build ``stack.h5`` and the grid pages.
+The stages (a producer of batch specs, ``concurrency`` workers) are tasks in a
+task group that :class:`harvester.engine.Harvester` owns; this module holds what
+one run does in them: read a batch under the retry policy, write its outputs, then
+its ledger rows, and at the end build ``stack.h5`` and the grid pages.
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ class HarvestRun:
         if recycle:
             from .sources.base import BufferPool
 
-            # Batches in flight at most: one per fetcher and writer, one in the stream.
-            plan.buffers = BufferPool(keep=2 * config.fetch.concurrency + 2)
+            # Batches in flight at most: one per worker, and a spare.
+            plan.buffers = BufferPool(keep=config.fetch.concurrency + 1)
         _release_free_memory()
         run = cls(h, targets, plan, skipped)
         run.ledger = ledger
@@ -189,7 +189,12 @@ class HarvestRun:
         if formats & {"stack", "grid"}:
             from .sinks.stack import StackSink
 
-            self.stack = StackSink(out, run_id, self.plan.targets.id)
+            # Rows per cutout shape, so shards are sized for the run, not per batch.
+            sides, counts = np.unique(self.plan.side, return_counts=True)
+            rows = {(int(s), int(s)): int(c) for s, c in zip(sides, counts, strict=True)}
+            self.stack = StackSink(
+                out, run_id, self.plan.targets.id, rows, writers=self.config.fetch.concurrency
+            )
             self.stack.open()
 
     # ---- the stages -------------------------------------------------------------
@@ -197,24 +202,27 @@ class HarvestRun:
     async def execute(self, source: Source, out: Any) -> None:
         fetch = self.config.fetch
         specs_send, specs_recv = anyio.create_memory_object_stream[BatchSpec](2 * fetch.concurrency)
-        res_send, res_recv = anyio.create_memory_object_stream[BatchResult](1)
         rate = RateLimiter(fetch.rate)
         self._done, self._total = 0, len(self.plan)
         if self.h.progress is not None:
             self.h.progress(0, self._total)
         async with out, anyio.create_task_group() as tg:
             tg.start_soon(self._produce, specs_send, rate)
-            async with specs_recv, res_send, res_recv:
+            async with specs_recv:
                 for _ in range(fetch.concurrency):
-                    tg.start_soon(self._fetch, source, specs_recv.clone(), res_send.clone())
-                # As many writers as readers: writing FITS files is the slow side, and
-                # the sinks and the ledger are safe to call from several threads.
-                for _ in range(fetch.concurrency):
-                    tg.start_soon(self._writer, res_recv.clone(), out.clone())
+                    tg.start_soon(self._work, source, specs_recv.clone(), out.clone())
 
-    async def _writer(self, recv: Any, out: Any) -> None:
+    async def _work(self, source: Source, recv: Any, out: Any) -> None:
+        """Read a batch, write it (outputs, then ledger rows), hand it on; repeat.
+
+        The worker that read a batch writes it: its arrays are still in the CPU's
+        cache, and no hand-off through the event loop sits between the two (against
+        separate writer tasks: 0.80 -> 0.63 s per 10^5 50 px cutouts). The sinks
+        and the ledger are safe to call from several threads.
+        """
         async with recv, out:
-            async for result in recv:
+            async for spec in recv:
+                result = await self._read(source, spec)
                 batch = await anyio.to_thread.run_sync(self._write, result)
                 self._done += len(result.spec)
                 if self.h.progress is not None:
@@ -232,11 +240,6 @@ class HarvestRun:
             for spec in self.plan.batches(self.config.fetch.batch_size, MAX_BATCH_BYTES):
                 await rate.acquire()
                 await send.send(spec)
-
-    async def _fetch(self, source: Source, recv: Any, send: Any) -> None:
-        async with recv, send:
-            async for spec in recv:
-                await send.send(await self._read(source, spec))
 
     async def _read(self, source: Source, spec: BatchSpec) -> BatchResult:
         """Read a batch under the retry policy; isolate failing targets one by one."""
@@ -288,7 +291,7 @@ class HarvestRun:
         t = self.plan.targets
         ledger = self.ledger
         part: str | None = None
-        part_rows = 0
+        part_first = part_rows = 0
         tally: Counter[str] = Counter()
         finished = result.finished
         good: dict[str, Any] = {}
@@ -297,7 +300,7 @@ class HarvestRun:
             if self.fits is not None:
                 good["output"] = self.fits.write(batch)
             if self.stack is not None:
-                part, part_rows = self.stack.write(batch)
+                part, part_first, part_rows = self.stack.write(batch)
                 good["stack_row"] = range(part_rows)
             finished = time.time()
             status = batch.status
@@ -329,7 +332,7 @@ class HarvestRun:
             groups = [(cols, len(cols["id"])) for cols in (good, bad) if cols]
             where = (spec.tract, spec.patch, spec.side)
             times = (result.started, finished, result.attempts)
-            shard = (part, part_rows if part is not None else None)
+            shard = (part, part_rows, part_first) if part is not None else (None, None, None)
             ledger.record(
                 (bid, ledger.run_id, *where, *times, *shard),
                 *[({**cols, "batch": bid}, n) for cols, n in groups],
@@ -371,10 +374,11 @@ class HarvestRun:
                     self.fits.close()
                     outputs["fits"] = str(out / "fits") + "/"
                 if self.stack is not None:
-                    moves = self.stack.merge(self.ledger.stack_parts())
+                    self.stack.close()
+                    moves = self.stack.merge(self.ledger.stack_ranges())
                     if moves:
                         self.ledger.move_shards(moves)
-                    path = self.stack.finalize(self.ledger.stack_parts())
+                    path = self.stack.finalize(self.ledger.stack_ranges())
                     if path is not None and "stack" in self.config.formats:
                         outputs["stack"] = str(path)
                     if path is not None and "grid" in self.config.formats:
@@ -511,7 +515,7 @@ def _record_invalid(ledger: Ledger, targets: Targets) -> None:
         "attempts": 0,
         "batch": bid,
     }
-    row = (bid, ledger.run_id, None, None, None, now, now, 0, None, None)
+    row = (bid, ledger.run_id, None, None, None, now, now, 0, None, None, None)
     ledger.record(row, (columns, len(bad)))
 
 

@@ -2,9 +2,10 @@
 
 ::
 
-    targets ─► plan ─► [specs] ─► fetch ×concurrency ─► [batches] ─► write ─► caller
-              (numpy)   bounded   worker threads,         bounded     sinks,
-                                  a capacity limiter                  ledger
+    targets ─► plan ─► [specs] ─► worker ×concurrency ──────────► [batches] ─► caller
+              (numpy)   bounded   read (threads, a capacity         bounded
+                                  limiter), then write: sinks,
+                                  then ledger (threads)
 
 Every stage is a task of one task group owned by the :class:`Harvester` (an async
 context manager); streams between stages are bounded, so memory does not grow with

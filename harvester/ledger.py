@@ -25,15 +25,14 @@ Layout, and why
   date by later runs, so the view stays fast. Per-target columns that are the
   same for a whole batch (attempts, times, shard) live in ``batches``.
 * ``batches`` -- one row per batch: run, tract, patch, cutout side, start and end
-  time, attempts, and the stack shard holding its cutouts. A batch's shard holds
-  exactly the batch's good cutouts, so the committed batches *are* the stack.
+  time, attempts, and where its good cutouts are in the stack (shard, first row,
+  rows). The committed batches' rows *are* the stack.
 * ``runs`` -- each run's settings and summary; ``meta`` -- the output settings
   the folder was started with, and the schema version.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import sqlite3
 import threading
@@ -50,7 +49,7 @@ __all__ = ["BATCH_COLUMNS", "DONE_STATUSES", "RESULT_COLUMNS", "Ledger", "Ledger
 #: Statuses that resume does not redo.
 DONE_STATUSES = ("ok", "partial", "no_coverage")
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -72,7 +71,7 @@ CREATE TABLE IF NOT EXISTS batches (
     attempts INTEGER NOT NULL,
     stack_part TEXT,
     stack_rows INTEGER,
-    stack_offset INTEGER NOT NULL DEFAULT 0
+    stack_offset INTEGER
 );
 CREATE TABLE IF NOT EXISTS results (
     id TEXT NOT NULL,
@@ -124,8 +123,8 @@ BATCH_COLUMNS = (
     "attempts",
     "stack_part",
     "stack_rows",
+    "stack_offset",
 )
-# ``stack_offset`` (the batch's first row in its shard) is 0 until shards are merged.
 
 
 @dataclass(frozen=True)
@@ -166,14 +165,19 @@ class Ledger:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        old = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'targets' AND type = 'table'"
-        ).fetchone()
-        if old is not None:
+        # Schema 1 had a `targets` table and no version; 2 named whole shards.
+        tables = {n for (n,) in self._db.execute("SELECT name FROM sqlite_master")}
+        version = (
+            self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if "meta" in tables
+            else None
+        )
+        if tables and (version is None or version[0] != SCHEMA_VERSION):
             self._db.close()
+            found = "1" if version is None else version[0]
             raise ConfigError(
-                f"{path}: a ledger of an older harvester (targets is a table); "
-                "use another output folder or --fresh"
+                f"{path}: a ledger of an older harvester (schema {found}, this one reads "
+                f"{SCHEMA_VERSION}); use another output folder or --fresh"
             )
         self._db.executescript(_SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -252,22 +256,27 @@ class Ledger:
             unknown = set(columns) - set(RESULT_COLUMNS)
             if unknown:
                 raise ValueError(f"unknown ledger columns {sorted(unknown)}")
-            names = ",".join(columns)
-            marks = ",".join("?" * len(columns))
-            values = [
-                v if isinstance(v, list | range) else itertools.repeat(v, n)
-                for v in columns.values()
-            ]
-            sql = f"INSERT INTO results ({names}) VALUES ({marks})"
-            statements.append((sql, zip(*values, strict=False)))
+            listed = [k for k, v in columns.items() if isinstance(v, list | range)]
+            fixed = [k for k in columns if k not in listed]
+            # The rows go in as one JSON array that SQLite unpacks itself: one
+            # statement, run without the GIL, instead of a Python round trip (and a
+            # GIL hand-back) per row, which stalled the reader threads.
+            rows = list(zip(*(columns[k] for k in listed), strict=True)) if listed else []
+            doc = json.dumps(rows if listed else [[]] * n, allow_nan=False)
+            picks = [f"json_extract(value, '$[{i}]')" for i in range(len(listed))]
+            sql = (
+                f"INSERT INTO results ({','.join(listed + fixed)}) "
+                f"SELECT {','.join(picks + ['?'] * len(fixed))} FROM json_each(?)"
+            )
+            statements.append((sql, [columns[k] for k in fixed] + [doc]))
         bmarks = ",".join("?" * len(BATCH_COLUMNS))
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 names = ",".join(BATCH_COLUMNS)
                 self._db.execute(f"INSERT INTO batches ({names}) VALUES ({bmarks})", batch)
-                for sql, rows in statements:
-                    self._db.executemany(sql, rows)
+                for sql, args in statements:
+                    self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -287,20 +296,20 @@ class Ledger:
             args = (status,)
         return [LedgerRow(*r) for r in self._db.execute(sql + " ORDER BY idx", args)]
 
-    def stack_parts(self) -> dict[str, int]:
-        """Stack shards of committed batches, with their row counts.
+    def stack_ranges(self) -> list[tuple[str, int, int]]:
+        """Stack rows of committed batches: (shard, first row, rows), in order.
 
-        Every row of such a shard is a done target (a shard holds only its batches'
-        good cutouts), and a shard whose batch never committed is not listed.
+        Every such row holds a done target (a batch writes only its good
+        cutouts); rows of a batch that never committed are not listed.
         """
         cur = self._db.execute(
-            "SELECT stack_part, SUM(stack_rows) FROM batches WHERE stack_part IS NOT NULL "
-            "GROUP BY stack_part"
+            "SELECT stack_part, stack_offset, stack_rows FROM batches "
+            "WHERE stack_part IS NOT NULL ORDER BY stack_part, stack_offset"
         )
-        return {str(p): int(n) for p, n in cur}
+        return [(str(p), int(o), int(n)) for p, o, n in cur]
 
-    def move_shards(self, moves: dict[str, tuple[str, int]]) -> None:
-        """Point batches at merged shards: ``old -> (new, row offset of old in new)``.
+    def move_shards(self, moves: dict[tuple[str, int], tuple[str, int]]) -> None:
+        """Point batches at merged shards: ``(old, first row) -> (new, first row)``.
 
         One transaction, so the ledger names either the old shards or the merged
         ones, never a mix of half of each.
@@ -309,9 +318,9 @@ class Ledger:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
-                    "UPDATE batches SET stack_part = ?, stack_offset = stack_offset + ? "
-                    "WHERE stack_part = ?",
-                    [(new, offset, old) for old, (new, offset) in moves.items()],
+                    "UPDATE batches SET stack_part = ?, stack_offset = ? "
+                    "WHERE stack_part = ? AND stack_offset = ?",
+                    [(new, at, old, first) for (old, first), (new, at) in moves.items()],
                 )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -246,7 +246,7 @@ def test_resume_with_other_ids_and_stale_shards(
     out = tmp_path / "o"
     run(_config(tiny_repo, out, formats="stack", size="15"), first)  # type: ignore[arg-type]
     # A shard a crash left before its ledger commit: not referenced, then deleted.
-    stale = out / "stack_parts" / "part-r0099-000000-2x15x15.h5"
+    stale = out / "stack_parts" / "part-r0099-000000-5x2x15x15.h5"
     stale.write_bytes(next((out / "stack_parts").glob("part-*.h5")).read_bytes())
     # The second list keeps the first five and adds longer, non-ASCII ids: the two
     # runs' shards have different id widths, and stack.h5 reads them as one table.
@@ -277,6 +277,8 @@ def test_many_shards_are_merged_and_stay_exact(
     # HDF5 reads a virtual dataset's unopenable sources (past `ulimit -n`) as fill
     # values, silently; so stack.h5 may name only a few files. Force merging early.
     monkeypatch.setattr(stack_sink, "MAX_SHARD_FILES", 4)
+    # And shards of a few rows (about 2.8 kB a row here), so a run makes many of them.
+    monkeypatch.setattr(stack_sink, "SHARD_BYTES", 20_000)
     t = _targets_in_tract(tiny_skymap, tiny_tract, 80, seed=21)
     # The first run's ids are wider than the second run's own: merged shards must
     # keep them whole in stack.h5.
@@ -287,6 +289,7 @@ def test_many_shards_are_merged_and_stay_exact(
         run(_config(tiny_repo, out, formats="stack", size="13", batch_size=3), targets)  # type: ignore[arg-type]
         shards = sorted(p.name for p in (out / "stack_parts").glob("part-*.h5"))
         assert 1 <= len(shards) <= 4
+        assert all("-m" in s for s in shards)  # every shard left is a merged one
     got = _harvest_all(_config(tiny_repo, None, size="13"), t)
     db = sqlite3.connect(out / "ledger.sqlite")
     assert {p for (p,) in db.execute("SELECT stack_part FROM batches") if p} == set(shards)
