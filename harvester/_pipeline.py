@@ -72,7 +72,9 @@ class Report:
 
 
 #: Largest batch in bytes of pixels; keeps a batch of 300 px cutouts from eating RAM.
-MAX_BATCH_BYTES = 8 * 2**20
+#: Each batch costs a few thread and event-loop hand-offs: 16 MiB against 8 MiB took
+#: the 10^5 50 px stack run from about 0.70 to 0.62 s (A/B, same process).
+MAX_BATCH_BYTES = 16 * 2**20
 
 __all__ = ["MAX_BATCH_BYTES", "BatchResult", "HarvestRun", "Report"]
 
