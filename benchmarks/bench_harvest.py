@@ -785,8 +785,10 @@ def main(argv: list[str] | None = None) -> int:
         if (fmt, side, planes) == ("stack", 50, ONE):
             # Context: the same runs on memory the host took back (no _prefault).
             print(f" {eng['per_s_median']:,.0f}/s; not pre-faulted ...", end="", flush=True)
-            eng["not_prefaulted"] = measure_engine(targets, side, planes, fmt, repeat, False)
-        print(f" {eng['per_s_median']:,.0f}/s; limit ...", end="", flush=True)
+            eng["not_prefaulted"] = npf = measure_engine(targets, side, planes, fmt, repeat, False)
+            print(f" {npf['per_s_median']:,.0f}/s; limit ...", end="", flush=True)
+        else:
+            print(f" {eng['per_s_median']:,.0f}/s; limit ...", end="", flush=True)
         lim = measure_limit(targets, repo, maps, side, planes, repeat)
         print(f" {lim['per_s_median']:,.0f}/s; astrocut ...", end="", flush=True)
         mode = "memory" if fmt == "stack" else "fits"

@@ -308,11 +308,16 @@ class HarvestRun:
             status = batch.status
             names, counts = np.unique(status, return_counts=True)
             tally.update(dict(zip(names.tolist(), counts.tolist(), strict=True)))
+            coverage = batch.coverage
             good.update(
                 id=t.id[batch.index].tolist(),
                 idx=batch.index.tolist(),
+                # One value for the whole batch when it is one (the usual case):
+                # the ledger then stores it without a per-row copy.
                 status=status.tolist() if len(names) > 1 else str(names[0]),
-                coverage=batch.coverage.tolist(),
+                coverage=(
+                    float(coverage[0]) if (coverage == coverage[0]).all() else coverage.tolist()
+                ),
             )
             self._add_prior_attempts(good, result.attempts)
         if result.failures:

@@ -256,16 +256,24 @@ class Ledger:
             unknown = set(columns) - set(RESULT_COLUMNS)
             if unknown:
                 raise ValueError(f"unknown ledger columns {sorted(unknown)}")
+            # A range (a batch's rows 0..n-1) is the JSON array's index: not sent.
+            counted = {k: v for k, v in columns.items() if isinstance(v, range) and v.step == 1}
             listed = [k for k, v in columns.items() if isinstance(v, list | range)]
-            fixed = [k for k in columns if k not in listed]
+            listed = [k for k in listed if k not in counted]
+            fixed = [k for k in columns if k not in listed and k not in counted]
             # The rows go in as one JSON array that SQLite unpacks itself: one
             # statement, run without the GIL, instead of a Python round trip (and a
             # GIL hand-back) per row, which stalled the reader threads.
-            rows = list(zip(*(columns[k] for k in listed), strict=True)) if listed else []
-            doc = json.dumps(rows if listed else [[]] * n, allow_nan=False)
-            picks = [f"json_extract(value, '$[{i}]')" for i in range(len(listed))]
+            if len(listed) == 1:
+                doc = json.dumps(list(columns[listed[0]]), allow_nan=False)
+                picks = ["value"]
+            else:
+                rows = list(zip(*(columns[k] for k in listed), strict=True)) if listed else []
+                doc = json.dumps(rows if listed else [0] * n, allow_nan=False)
+                picks = [f"json_extract(value, '$[{i}]')" for i in range(len(listed))]
+            picks += [f"key + {int(counted[k].start)}" for k in counted]
             sql = (
-                f"INSERT INTO results ({','.join(listed + fixed)}) "
+                f"INSERT INTO results ({','.join(listed + list(counted) + fixed)}) "
                 f"SELECT {','.join(picks + ['?'] * len(fixed))} FROM json_each(?)"
             )
             statements.append((sql, [columns[k] for k in fixed] + [doc]))

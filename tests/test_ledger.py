@@ -103,3 +103,23 @@ def test_moved_ranges_point_each_target_at_its_new_row(tmp_path: Path) -> None:
     where = {r.id: (r.stack_part, r.stack_row) for r in ledger.rows()}
     assert where == {"d": ("m.h5", 0), "a": ("m.h5", 1), "b": ("m.h5", 2), "c": ("m.h5", 3)}
     ledger.close()
+
+
+def test_record_takes_lists_single_values_and_ranges(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.begin_run({})
+    bid, row = _batch(ledger, part="p.h5", rows=3, first=0)
+    # Odd ids survive the JSON trip; a range may start anywhere; one value fills all rows.
+    ids = ['quote"d', "back\\slash", "ünï ✓"]
+    cols = {"id": ids, "status": "partial", "coverage": 0.5, "stack_row": range(4, 7)}
+    ledger.record(row, ({**cols, "batch": bid}, 3))
+    got = [(r.id, r.status, r.coverage, r.stack_row) for r in ledger.rows()]
+    assert sorted(got) == sorted(
+        (i, "partial", 0.5, k) for i, k in zip(ids, range(4, 7), strict=True)
+    )
+    with pytest.raises(ValueError, match="NaN|Out of range"):
+        ledger.record(
+            _batch(ledger)[1],
+            ({"id": ["x"], "status": "ok", "coverage": [float("nan")], "idx": [1], "batch": 9}, 1),
+        )
+    ledger.close()

@@ -220,8 +220,8 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
     mask = empty((n, nb, s, s), np.int32) if "mask" in plan.planes else None
     outs = {"image": image, "variance": variance, "mask": mask}
     covered = np.zeros(n, dtype=np.float64)
-    dataset_ids = np.full((n, nb), "", dtype=object)
-    files = np.full((n, nb), "", dtype=object)
+    # A batch has one home image per band, so these are per band, not per target.
+    dataset_ids, files = [""] * nb, [""] * nb
 
     crossing = plan.crossing[idx]
     simple = np.flatnonzero(~crossing)
@@ -233,8 +233,7 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
         if ref is None:
             _fill_no_data(outs, (slice(None), b))
             continue
-        dataset_ids[:, b] = ref.id
-        files[:, b] = ref.path
+        dataset_ids[b], files[b] = ref.id, str(ref.path)
         wants = plan.wants(idx[simple], b)
         for k in simple[~wants]:
             _fill_no_data(outs, (int(k), b))  # a band this target did not ask for
@@ -289,8 +288,9 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
         crval=crval,
         crpix0=plan.skymap.crpix0,
         scale_deg=plan.skymap.pixel_scale_deg,
-        dataset_ids=dataset_ids.astype(str),
-        files=files.astype(str),
+        # Broadcast views (n, B): no per-target copies of a path.
+        dataset_ids=np.broadcast_to(np.array(dataset_ids, dtype=str), (n, nb)),
+        files=np.broadcast_to(np.array(files, dtype=str), (n, nb)),
     )
 
 

@@ -20,10 +20,9 @@ from ..errors import RepositoryError
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef, Repository
 from .base import PLANE_HDUS, HandleCache, ImageHandle, assemble_batch, copy_boxes
+from .fits_ranges import PlaneLayout, layout_of, origin, read_hdus
 
 __all__ = ["CompressedHandle", "LocalSource", "MemmapHandle", "open_local"]
-
-_BITPIX = {-32: ">f4", 32: ">i4", -64: ">f8", 16: ">i2", 64: ">i8", 8: "u1"}
 
 
 class MemmapHandle:
@@ -34,25 +33,26 @@ class MemmapHandle:
         self.path = path
         self._maps: list[np.memmap] = []
         self._planes: dict[str, npt.NDArray[np.generic]] = {}
-        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-            for plane, name in PLANE_HDUS.items():
-                try:
-                    index = hdul.index_of(name)
-                except KeyError:
-                    continue
-                header = hdul[index].header
-                if isinstance(hdul[index], fits.CompImageHDU):
-                    raise RepositoryError(f"{path}: HDU {name} is compressed; index says not")
-                info = hdul.fileinfo(index)
-                shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-                dtype = _BITPIX[int(header["BITPIX"])]
-                mm = np.memmap(path, dtype=dtype, mode="r", offset=int(info["datLoc"]), shape=shape)
-                self._maps.append(mm)
-                # Slicing a plain ndarray view skips np.memmap's per-slice bookkeeping.
-                self._planes[plane] = mm.view(np.ndarray)
-                if plane == "image":
-                    self.x0, self.y0 = -int(header.get("LTV1", 0)), -int(header.get("LTV2", 0))
-                    self.height, self.width = shape
+        hdus = read_hdus(path, PLANE_HDUS.values())
+        for plane, name in PLANE_HDUS.items():
+            hdu = hdus.get(name)
+            if hdu is None:
+                continue
+            layout = layout_of(hdu)
+            if not isinstance(layout, PlaneLayout):
+                raise RepositoryError(f"{path}: HDU {name} is compressed; index says not")
+            if (layout.bscale, layout.bzero) != (1.0, 0.0):
+                raise RepositoryError(f"{path}: HDU {name} has BSCALE/BZERO; not supported")
+            shape = (layout.height, layout.width)
+            mm = np.memmap(
+                path, dtype=layout.dtype, mode="r", offset=layout.data_start, shape=shape
+            )
+            self._maps.append(mm)
+            # Slicing a plain ndarray view skips np.memmap's per-slice bookkeeping.
+            self._planes[plane] = mm.view(np.ndarray)
+            if plane == "image":
+                self.x0, self.y0 = origin(hdu.cards)
+                self.height, self.width = shape
         if "image" not in self._planes:
             raise RepositoryError(f"{path}: no IMAGE HDU")
 
