@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import RunConfig
-from .cutout import CutoutBatch
+from .cutout import COVERAGE_STATUSES, CutoutBatch
 from .errors import ConfigError, HarvesterError
 from .ledger import Ledger
 from .limits import RateLimiter
@@ -305,16 +305,20 @@ class HarvestRun:
                 part, part_first, part_rows = self.stack.write(batch)
                 good["stack_row"] = range(part_rows)
             finished = time.time()
-            status = batch.status
-            names, counts = np.unique(status, return_counts=True)
-            tally.update(dict(zip(names.tolist(), counts.tolist(), strict=True)))
+            codes = batch.status_codes
+            counts = np.bincount(codes, minlength=len(COVERAGE_STATUSES)).tolist()
+            tally.update({name: k for name, k in zip(COVERAGE_STATUSES, counts, strict=True) if k})
             coverage = batch.coverage
             good.update(
                 id=t.id[batch.index].tolist(),
                 idx=batch.index.tolist(),
                 # One value for the whole batch when it is one (the usual case):
                 # the ledger then stores it without a per-row copy.
-                status=status.tolist() if len(names) > 1 else str(names[0]),
+                status=(
+                    batch.status.tolist()
+                    if max(counts) < len(batch)
+                    else COVERAGE_STATUSES[int(codes[0])]
+                ),
                 coverage=(
                     float(coverage[0]) if (coverage == coverage[0]).all() else coverage.tolist()
                 ),

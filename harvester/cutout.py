@@ -18,10 +18,13 @@ from astropy.io import fits
 from .skymap import TractWcs
 from .wcsheader import window_cards, window_header
 
-__all__ = ["STATUSES", "Cutout", "CutoutBatch"]
+__all__ = ["COVERAGE_STATUSES", "STATUSES", "Cutout", "CutoutBatch"]
 
 #: Per-target outcomes, as recorded in the ledger.
 STATUSES = ("ok", "partial", "no_coverage", "failed", "invalid", "pending")
+#: The outcomes of a cutout that was read, by :attr:`CutoutBatch.status_codes`.
+COVERAGE_STATUSES = STATUSES[:3]
+_COVERAGE_NAMES = np.array(COVERAGE_STATUSES)
 
 
 @dataclass
@@ -83,11 +86,14 @@ class CutoutBatch:
         return int(self.image.shape[2]), int(self.image.shape[3])
 
     @property
+    def status_codes(self) -> npt.NDArray[np.int8]:
+        """Index into :data:`COVERAGE_STATUSES` per cutout, from its coverage."""
+        return (self.coverage < 1.0).view(np.int8) + (self.coverage <= 0.0).view(np.int8)
+
+    @property
     def status(self) -> npt.NDArray[np.str_]:
         """``ok``, ``partial`` or ``no_coverage`` per cutout, from its coverage."""
-        return np.where(
-            self.coverage >= 1.0, "ok", np.where(self.coverage > 0.0, "partial", "no_coverage")
-        )
+        return _COVERAGE_NAMES[self.status_codes]
 
     def wcs(self, i: int) -> TractWcs:
         return TractWcs(

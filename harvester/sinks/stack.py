@@ -60,7 +60,7 @@ import numpy.typing as npt
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from ..cutout import CutoutBatch
+from ..cutout import COVERAGE_STATUSES, CutoutBatch
 
 __all__ = ["SHARD_BYTES", "Range", "StackSink", "stack_wcs"]
 
@@ -73,6 +73,8 @@ MAX_SHARD_FILES = 512
 SHARD_BYTES = 2**30
 _MERGE_BYTES = 64 * 2**20
 _PLANES = ("image", "variance", "mask")
+
+_STATUS_BYTES = np.array(COVERAGE_STATUSES, dtype="S11")
 
 #: Committed rows of a shard: (shard file name, first row, number of rows).
 Range = tuple[str, int, int]
@@ -229,11 +231,13 @@ class StackSink:
             self._free.clear()
 
     def _table(self, batch: CutoutBatch) -> npt.NDArray[np.void]:
-        ids = batch.ids.astype(np.bytes_) if self._ascii else _utf8(batch.ids)
+        ids = _ascii_bytes(batch.ids) if self._ascii else None
+        if ids is None:
+            ids = _utf8(batch.ids)
         width = max(self._id_width, ids.dtype.itemsize)
         table = np.empty(len(batch), dtype=_table_dtype(width))
         table["id"] = ids
-        table["status"] = batch.status
+        table["status"] = _STATUS_BYTES[batch.status_codes]
         table["index"], table["ra"], table["dec"] = batch.index, batch.ra, batch.dec
         table["tract"], table["patch"] = batch.tract, batch.patch
         table["x0"], table["y0"], table["coverage"] = batch.x0, batch.y0, batch.coverage
@@ -474,6 +478,20 @@ def _id_width(ids: npt.NDArray[np.str_] | None) -> tuple[bool, int]:
     # A str array's code points as integers: the ASCII test is one vectorised max.
     ascii_only = bool(np.ascontiguousarray(ids).view(np.uint32).max() < 128)
     return ascii_only, chars if ascii_only else 4 * chars
+
+
+def _ascii_bytes(ids: npt.NDArray[np.str_]) -> npt.NDArray[np.bytes_] | None:
+    """ASCII ids as bytes by taking each code point's low byte (None if not ASCII).
+
+    A strided copy in C: ``astype(bytes)`` checks and converts one string at a time.
+    """
+    width = max(ids.dtype.itemsize // 4, 1)
+    if len(ids) == 0:
+        return np.zeros(0, dtype=f"S{width}")
+    chars = np.ascontiguousarray(ids).view(np.uint32)
+    if int(chars.max()) >= 128:
+        return None
+    return chars.astype(np.uint8).reshape(len(ids), width).view(f"S{width}").reshape(len(ids))
 
 
 def _utf8(ids: npt.NDArray[np.str_]) -> npt.NDArray[np.bytes_]:
