@@ -340,6 +340,7 @@ def stage_breakdown(
 
         return wrapper
 
+    _prefault(_output_bytes(len(targets), side, planes))  # as for the engine runs
     t_all = time.perf_counter()
     if prof:
         prof.enable()
