@@ -216,7 +216,7 @@ def _prefault(nbytes: int) -> None:
 
     This VM hands free guest memory back to its host (virtio-balloon free page
     reporting, about 2 s after it is freed); the next use of such a page costs a
-    host page fault, 10-15 times the kernel's own cost (see ``first_touch`` in
+    host page fault, 6-15 times the kernel's own cost here (see ``first_touch`` in
     the results). The limit pre-faults its output arrays before timing; a run
     that writes files gets new page-cache pages instead, so the same courtesy is
     this: touch and free that much memory right before the timed run, whose

@@ -246,16 +246,24 @@ class Ledger:
         """Append a batch row and its targets' rows, in one transaction.
 
         ``batch`` is in :data:`BATCH_COLUMNS` order. Each group is ``(columns, n)``:
-        ``columns`` maps names from :data:`RESULT_COLUMNS` to a list of ``n`` values
-        or one value for all ``n`` rows; columns left out are NULL (``attempts``
-        then reads as the batch's). Only the columns a group needs are bound:
-        binding is most of the cost of a ledger row.
+        ``columns`` maps names from :data:`RESULT_COLUMNS` to a list (or range) of
+        ``n`` values or one value for all ``n`` rows; columns left out are NULL
+        (``attempts`` then reads as the batch's). Values must be JSON-encodable:
+        str, int, finite float, None.
+
+        Raises
+        ------
+        ValueError
+            For an unknown column, a list that is not ``n`` long, or NaN.
         """
         statements = []
         for columns, n in groups:
             unknown = set(columns) - set(RESULT_COLUMNS)
             if unknown:
                 raise ValueError(f"unknown ledger columns {sorted(unknown)}")
+            short = [k for k, v in columns.items() if isinstance(v, list | range) and len(v) != n]
+            if short:
+                raise ValueError(f"ledger columns {short} do not have {n} values")
             # A range (a batch's rows 0..n-1) is the JSON array's index: not sent.
             counted = {k: v for k, v in columns.items() if isinstance(v, range) and v.step == 1}
             listed = [k for k, v in columns.items() if isinstance(v, list | range)]

@@ -117,6 +117,8 @@ def test_record_takes_lists_single_values_and_ranges(tmp_path: Path) -> None:
     assert sorted(got) == sorted(
         (i, "partial", 0.5, k) for i, k in zip(ids, range(4, 7), strict=True)
     )
+    with pytest.raises(ValueError, match=r"\['id'\] do not have 2 values"):
+        ledger.record(_batch(ledger)[1], ({"id": ["x"], "status": "ok", "batch": 9}, 2))
     with pytest.raises(ValueError, match="NaN|Out of range"):
         ledger.record(
             _batch(ledger)[1],

@@ -49,11 +49,19 @@ def _assert_stack_is(path: Path, batches: list[CutoutBatch]) -> None:
         assert got[tid][3]["x0"] == x0
 
 
-def test_a_planned_run_fills_one_shard_and_it_reads_as_hdf5(tmp_path: Path) -> None:
-    ids = _ids("t", 9)
-    sink = StackSink(tmp_path, 1, np.array(ids), rows={(8, 8): 9})
+def _planned(
+    tmp_path: Path, prefix: str, batches: int, planned: int, size: int = 3, writers: int = 1
+) -> tuple[StackSink, list[CutoutBatch]]:
+    """A sink told to expect ``planned`` rows, and ``batches`` batches of ``size``."""
+    ids = _ids(prefix, batches * size)
+    sink = StackSink(tmp_path, 1, np.array(ids), rows={(8, 8): planned}, writers=writers)
     sink.open()
-    batches = [make_batch(3, size=8, seed=j, ids=ids[3 * j : 3 * j + 3]) for j in range(3)]
+    chunks = [ids[size * j : size * (j + 1)] for j in range(batches)]
+    return sink, [make_batch(size, size=8, seed=j, ids=c) for j, c in enumerate(chunks)]
+
+
+def test_a_planned_run_fills_one_shard_and_it_reads_as_hdf5(tmp_path: Path) -> None:
+    sink, batches = _planned(tmp_path, "t", 3, planned=9)
     ranges = [sink.write(b) for b in batches]
     part = ranges[0][0]
     assert ranges == [(part, 0, 3), (part, 3, 3), (part, 6, 3)]
@@ -70,10 +78,7 @@ def test_a_planned_run_fills_one_shard_and_it_reads_as_hdf5(tmp_path: Path) -> N
 
 
 def test_uncommitted_rows_are_left_out_and_unreferenced_shards_deleted(tmp_path: Path) -> None:
-    ids = _ids("u", 12)
-    sink = StackSink(tmp_path, 1, np.array(ids), rows={(8, 8): 6})
-    sink.open()
-    batches = [make_batch(3, size=8, seed=j, ids=ids[3 * j : 3 * j + 3]) for j in range(4)]
+    sink, batches = _planned(tmp_path, "u", 4, planned=6)
     ranges = [sink.write(b) for b in batches]
     # 6 planned rows: one shard for batches 0 and 1, then a shard per batch.
     assert [p for p, _, _ in ranges] == [ranges[0][0]] * 2 + [ranges[2][0], ranges[3][0]]
@@ -87,10 +92,7 @@ def test_uncommitted_rows_are_left_out_and_unreferenced_shards_deleted(tmp_path:
 
 
 def test_writers_in_threads_get_rows_of_their_own(tmp_path: Path) -> None:
-    ids = _ids("w", 4 * 12 * 2)
-    sink = StackSink(tmp_path, 3, np.array(ids), rows={(8, 8): len(ids)}, writers=4)
-    sink.open()
-    batches = [make_batch(2, size=8, seed=j, ids=ids[2 * j : 2 * j + 2]) for j in range(48)]
+    sink, batches = _planned(tmp_path, "w", 48, planned=96, size=2, writers=4)
     ranges: list[Range] = []
     lock = threading.Lock()
     start = threading.Barrier(4)
@@ -108,7 +110,7 @@ def test_writers_in_threads_get_rows_of_their_own(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     rows = [(p, i) for p, first, n in ranges for i in range(first, first + n)]
-    assert len(rows) == len(set(rows)) == len(ids)  # no row given twice
+    assert len(rows) == len(set(rows)) == 96  # no row given twice
     # Shards are sized for the run: a few, not one per batch.
     assert len({p for p, _, _ in ranges}) < len(batches) // 4
     path = sink.finalize(ranges)
@@ -119,10 +121,7 @@ def test_writers_in_threads_get_rows_of_their_own(tmp_path: Path) -> None:
 def test_a_failed_write_loses_its_shard_not_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids = _ids("f", 9)
-    sink = StackSink(tmp_path, 1, np.array(ids), rows={(8, 8): 9})
-    sink.open()
-    batches = [make_batch(3, size=8, seed=j, ids=ids[3 * j : 3 * j + 3]) for j in range(3)]
+    sink, batches = _planned(tmp_path, "f", 3, planned=9)
     first = sink.write(batches[0])
     real = stack_sink._pwrite
 

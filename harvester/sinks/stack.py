@@ -140,14 +140,16 @@ class StackSink:
         The rows are on disk (page cache) when this returns; they belong to the
         stack once the ledger commits them.
         """
+        n = len(batch)
+        if n == 0:
+            raise ValueError("an empty batch has no rows to write")
         h, w = batch.shape
         planes = {p: getattr(batch, p) for p in _PLANES if getattr(batch, p) is not None}
         table = self._table(batch)
-        n = len(batch)
         key = (tuple(planes), "".join(batch.bands), h, w, table.dtype)
         shard, first = self._reserve(key, n)
         if shard is None:
-            shard = self._create(key, n, planes, table.dtype, batch)
+            shard = self._create(n, planes, table.dtype, batch)
             first = 0
             shard.used = n
         try:
@@ -177,7 +179,6 @@ class StackSink:
 
     def _create(
         self,
-        key: tuple[Any, ...],
         n: int,
         planes: dict[str, npt.NDArray[Any]],
         table: np.dtype[np.void],
