@@ -885,62 +885,36 @@ def _find(
 
 def _checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+
+    def check(text: str, value: float, ok: bool, where: tuple[str, int, int] | None) -> None:
+        row: dict[str, Any] = {"check": text, "value": value, "pass": ok}
+        if where is not None:
+            row["output"], row["side"], row["n_planes"] = where
+        out.append(row)
+
     s = _find(results, "stack", 50, ONE)
     if s is not None:
-        v = s["engine"]["per_s_median"]
-        out.append(
-            {
-                "check": f"stack 50px image >= {STACK_MIN_PER_S:,.0f}/s",
-                "value": v,
-                "pass": v >= STACK_MIN_PER_S,
-                "where": ("stack", 50, 1),
-            }
-        )
-        r = s["engine_over_limit_median"]
-        out.append(
-            {
-                "check": f"stack 50px image >= {STACK_MIN_OF_LIMIT:.0%} of numpy limit",
-                "value": r,
-                "pass": r >= STACK_MIN_OF_LIMIT,
-                "where": ("stack", 50, 1),
-            }
-        )
+        v, r = s["engine"]["per_s_median"], s["engine_over_limit_median"]
         a = s["engine_over_astrocut_median"]
-        out.append(
-            {
-                "check": f"stack 50px image >= {MIN_OVER_ASTROCUT:.0f}x astrocut",
-                "value": a,
-                "pass": a >= MIN_OVER_ASTROCUT,
-                "where": ("stack", 50, 1),
-            }
-        )
+        where = ("stack", 50, 1)
+        check(f"stack 50px image >= {STACK_MIN_PER_S:,.0f}/s", v, v >= STACK_MIN_PER_S, where)
+        text = f"stack 50px image >= {STACK_MIN_OF_LIMIT:.0%} of numpy limit"
+        check(text, r, r >= STACK_MIN_OF_LIMIT, where)
+        text = f"stack 50px image >= {MIN_OVER_ASTROCUT:.0f}x astrocut"
+        check(text, a, a >= MIN_OVER_ASTROCUT, where)
     f = _find(results, "fits", 50, ONE)
     if f is not None:
         v = f["engine"]["per_s_median"]
-        out.append(
-            {
-                "check": f"fits 50px image >= {FITS_MIN_PER_S:,.0f}/s",
-                "value": v,
-                "pass": v >= FITS_MIN_PER_S,
-                "where": ("fits", 50, 1),
-            }
-        )
+        text = f"fits 50px image >= {FITS_MIN_PER_S:,.0f}/s"
+        check(text, v, v >= FITS_MIN_PER_S, ("fits", 50, 1))
     mem = results.get("memory", {})
     if "growth_mb" in mem:
         g = mem["growth_mb"]
-        out.append(
-            {
-                "check": f"memory growth {mem['growth_from_n']:.0e} -> {mem['growth_to_n']:.0e} "
-                f"< {MEMORY_MAX_GROWTH_MB:.0f} MB",
-                "value": g,
-                "pass": g < MEMORY_MAX_GROWTH_MB,
-                "where": None,
-            }
+        text = (
+            f"memory growth {mem['growth_from_n']:.0e} -> {mem['growth_to_n']:.0e} "
+            f"< {MEMORY_MAX_GROWTH_MB:.0f} MB"
         )
-    for c in out:
-        w = c.pop("where")
-        if w is not None:
-            c["side"], c["output"], c["n_planes"] = w[1], w[0], w[2]
+        check(text, g, g < MEMORY_MAX_GROWTH_MB, None)
     return out
 
 

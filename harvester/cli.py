@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--size", help="cutout side: pixels or an angle (10arcsec)")
         cmd.add_argument("--planes", help="planes to read, e.g. image or image,mask,variance")
         cmd.add_argument("--formats", help="outputs: any of fits,stack,grid")
-        cmd.add_argument("--concurrency", type=int, help="image reads in flight")
+        cmd.add_argument("--concurrency", type=int, help="batches in flight (workers)")
         cmd.add_argument("--rate", type=float, help="batch reads started per second (0: none)")
         cmd.add_argument("--batch-size", type=int, help="targets per unit of work")
         cmd.add_argument(

@@ -13,7 +13,7 @@ Example (``configs/ecdfs_agn.toml``)::
     formats = ["fits", "stack", "grid"]
 
     [fetch]
-    concurrency = 2             # image reads in flight (worker threads)
+    concurrency = 2             # batches in flight: each read, then written, by one worker
     rate = 0                    # batch reads started per second; 0 = no limit
 
 Relative paths are relative to the current folder (where ``harvester run`` is
@@ -102,7 +102,8 @@ class FetchConfig:
     Parameters
     ----------
     concurrency : int
-        Image reads in flight at once (worker threads of the local source).
+        Batches in flight at once: each worker reads a batch, then writes it
+        (outputs and ledger rows) before taking the next.
     rate : float
         Batch reads started per second at most (token bucket); 0 means no limit.
     batch_size : int
