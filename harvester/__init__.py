@@ -3,8 +3,7 @@
 The public API is what this module exports; everything else is internal.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import FetchConfig, GridConfig, RunConfig, load_config
 from .cutout import Cutout, CutoutBatch
 from .engine import Harvester, Report, run

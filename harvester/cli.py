@@ -14,7 +14,8 @@ from typing import Any
 import anyio
 import numpy as np
 
-from . import __version__
+from ._os import pin_mmap_threshold
+from ._version import __version__
 from .config import GridConfig, RunConfig, load_config
 from .engine import Harvester, Report, run
 from .errors import HarvesterError
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harvester`` console script and ``python -m harvester``."""
     parser = _parser()
     args = parser.parse_args(argv)
-    _tune_allocator()
+    pin_mmap_threshold()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -48,27 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-
-
-def _tune_allocator() -> None:
-    """Pin glibc's mmap threshold at 1 MiB for this command's process.
-
-    glibc raises the threshold after the first large block is freed, and from then
-    on freed batch buffers (megabytes each) stay in its heaps instead of going back
-    to the OS: at a million targets that kept ~170 MB more resident (measured with
-    benchmarks/bench_harvest.py). The command line owns its process, so it sets
-    this; a library must not retune a notebook's allocator, and library users can
-    set ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment instead.
-    """
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from .. import __version__
+from .._version import __version__
 from ..repo import DatasetRef
 from ..skymap import TractWcs
 from ..wcsheader import window_cards

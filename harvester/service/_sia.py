@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 
-from .. import __version__
+from .._version import __version__
 from ._geometry import parse_numbers, parse_pos
 from ._http import Params, read_params
 from ._ids import IdError, parse_dataset_id

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..cutout import CutoutBatch
 from ..masks import mask_header_cards
 from ..skymap import LSST_CELLS_V1, TractWcs

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
-from .. import __version__
+from .._version import __version__
 from ..masks import mask_header_cards
 from ..repo import DatasetRef, Repository, load_repository, write_index
 from ..skymap import LSST_CELLS_V1, SkyMap, SkyMapConfig
