@@ -387,7 +387,7 @@ def peer_images(url: str) -> dict[str, Image]:
     import anyio
 
     from harvester.config import ServiceConfig
-    from harvester.sources.fits_ranges import hdu_info, parse_header
+    from harvester.sources._fits_header import hdu_info, parse_header
     from harvester.sources.remote import open_session
 
     async def main() -> dict[str, Image]:

@@ -12,20 +12,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from harvester._fits import BLOCK
 from harvester.repo import Repository
-from harvester.sources.fits_ranges import (
-    BLOCK,
-    ByteStore,
-    PlaneLayout,
-    TiledLayout,
-    coalesce,
-    hdu_info,
-    layout_of,
-    origin,
-    padded,
-    parse_header,
-    plan_reads,
-)
+from harvester.sources._fits_header import hdu_info, origin, padded, parse_header
+from harvester.sources._fits_layout import PlaneLayout, TiledLayout, layout_of
+from harvester.sources.fits_ranges import ByteStore, coalesce, plan_reads
 
 
 def _walk(data: bytes) -> list:

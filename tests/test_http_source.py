@@ -28,8 +28,10 @@ from harvester.repo import Repository
 from harvester.service import FakeClock, ServiceSettings, serve
 from harvester.skymap import SkyMap
 from harvester.sources._client import ServiceClient, retry_after
-from harvester.sources.http import RangeFetcher, parse_content_range, parse_multipart
-from harvester.sources.remote import parse_discovery, url_expiry
+from harvester.sources._datalink import url_expiry
+from harvester.sources._discovery import parse_discovery
+from harvester.sources._multipart import parse_content_range, parse_multipart
+from harvester.sources._ranges import RangeFetcher
 from harvester.targets import Targets
 
 TOKEN = "tok-3f9a"
@@ -225,10 +227,10 @@ async def test_compressed_tiles_fetched_and_decoded(
     tiny_tract: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import harvester.sources.http as http
+    import harvester.sources._reader as reader
 
     # Read headers block by block, so tables and tiles are fetched as ranges.
-    monkeypatch.setattr(http, "FIRST_READ", 2880)
+    monkeypatch.setattr(reader, "FIRST_READ", 2880)
     t = tract_targets(tiny_skymap, tiny_tract, 60, seed=5)
     local = local_config(tiny_repo_compressed, bands="z")
     want, _ = await collect(local, t)

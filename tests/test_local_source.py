@@ -10,7 +10,7 @@ from astropy.io import fits
 
 from harvester.errors import RepositoryError
 from harvester.repo import DatasetRef
-from harvester.sources.fits_ranges import read_hdus
+from harvester.sources._fits_header import read_hdus
 from harvester.sources.local import MemmapHandle
 
 

@@ -138,7 +138,7 @@ def test_cutouts_per_image_counts_boxes_and_pieces(
 async def test_polygon_corners_are_inset_box_corners(
     tiny_repo: Repository, tiny_tract: int
 ) -> None:
-    from harvester.sources.remote import RemoteRepository
+    from harvester.sources._repository import RemoteRepository
 
     class _Session:
         repo = RemoteRepository(

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._fits import BLOCK, CARD
 from .._version import __version__
 from ..cutout import CutoutBatch
 from ..masks import mask_header_cards
@@ -66,8 +67,6 @@ from ..wcsheader import window_cards
 
 __all__ = ["FitsSink", "safe_filename"]
 
-BLOCK = 2880
-CARD = 80
 #: Longest file name stem :func:`safe_filename` returns (before ``.fits``).
 MAX_STEM = 150
 _HASH_CHARS = 8

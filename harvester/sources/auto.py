@@ -21,8 +21,10 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..plan import Plan
 from ._batch import BatchSource, Boxes
-from .http import FileReader, HttpSource
-from .remote import RemoteRepository, RemoteSession, open_session
+from ._reader import FileReader
+from ._repository import RemoteRepository
+from .http import HttpSource
+from .remote import RemoteSession, open_session
 from .soda import CutoutReader, SodaSource
 
 __all__ = ["AutoSource", "CostModel", "cutouts_per_image", "open_remote"]

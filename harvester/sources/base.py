@@ -26,8 +26,6 @@ from ..repo import DatasetRef
 
 __all__ = ["BufferPool", "HandleCache", "ImageHandle", "Source", "assemble_batch", "copy_boxes"]
 
-PLANE_HDUS = {"image": "IMAGE", "mask": "MASK", "variance": "VARIANCE"}
-
 #: Largest temporary of one gather in :func:`copy_boxes` (fits in a core's cache).
 _GATHER_BYTES = 256 * 1024
 

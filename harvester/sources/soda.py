@@ -27,18 +27,19 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 
+from .._fits import PLANE_HDUS
 from ..errors import HarvesterError, TransientError, UsageError
 from ..repo import DatasetRef
 from ._batch import BatchSource, Boxes, pick_error
 from ._client import safe_url
-from .fits_ranges import origin
-from .remote import Cutout, RemoteSession
+from ._datalink import SodaService
+from ._fits_header import origin
+from .remote import RemoteSession
 
 __all__ = ["INSET", "CutoutHandle", "CutoutReader", "SodaSource", "box_polygons"]
 
 #: Pixels the polygon's corners are moved into the box from its outer edges.
 INSET = 0.4
-PLANE_HDUS = {"image": "IMAGE", "mask": "MASK", "variance": "VARIANCE"}
 Item = tuple[int, int, int, int]  # PARENT (y0, x0, h, w)
 
 
@@ -177,7 +178,7 @@ class CutoutReader:
 
     async def _cutout(
         self,
-        service: Cutout | None,
+        service: SodaService | None,
         item: Item,
         polygon: str,
         detail: str,
