@@ -67,13 +67,14 @@ from typing import Any
 
 import numpy as np
 
+from harvester._fits import PLANE_HDUS
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "harvest.json"
 WORK = HERE / "work"
 REPO = ROOT / "data" / "ecdfs"
 BAND = "z"
-PLANE_HDUS = {"image": "IMAGE", "mask": "MASK", "variance": "VARIANCE"}
 ONE = ("image",)
 THREE = ("image", "mask", "variance")
 
@@ -314,19 +315,19 @@ def stage_breakdown(
     goes; with ``profile`` the whole replay runs under cProfile (the real run's work
     is in worker threads, which cProfile does not see).
     """
-    from harvester.engine import MAX_BATCH_BYTES, Harvester
+    from harvester.engine import MAX_BATCH_BYTES, RunContext, load_run_targets
     from harvester.engine import BatchResult as _Result
     from harvester.engine import HarvestRun as _Run
     from harvester.repo import load_repository
     from harvester.sources.local import LocalSource
+    from harvester.sources.open import retry_policy
 
     out = WORK / f"stages-{side}-{len(planes)}-{fmt}"
     _rmtree(out)
     config = _config(out, side, planes, fmt)
-    h = Harvester(config)
-    h._repo = load_repository(config.repo)
-    source = LocalSource(h._repo)
-    h._source = source
+    repo = load_repository(config.repo)
+    source = LocalSource(repo)
+    ctx = RunContext(config, repo, retry_policy(config))
     times = {"prepare": 0.0, "read": 0.0, "sink": 0.0, "ledger": 0.0, "finish": 0.0}
     prof = cProfile.Profile() if profile else None
 
@@ -345,7 +346,7 @@ def stage_breakdown(
     if prof:
         prof.enable()
     t0 = time.perf_counter()
-    run = _Run.prepare(h, targets)
+    run = _Run.prepare(ctx, load_run_targets(config, repo, targets))
     times["prepare"] = time.perf_counter() - t0
     if run.stack is not None:
         run.stack.write = timed("sink", run.stack.write)

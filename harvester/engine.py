@@ -20,23 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._pipeline import MAX_BATCH_BYTES, BatchResult, HarvestRun, Report
+from ._pipeline import MAX_BATCH_BYTES, BatchResult, HarvestRun, ProgressHook, RunContext
 from .config import RunConfig
 from .cutout import Cutout, CutoutBatch
 from .errors import ConfigError, HarvesterError
-from .limits import RetryPolicy
 from .plan import Plan, make_plan
-from .repo import Repository, load_repository
+from .repo import Repository
+from .report import Report
 from .sources.base import Source
-from .sources.local import LocalSource
+from .sources.open import open_repository_and_source, open_source, retry_policy
 from .targets import Targets, TargetSource, load_targets, random_targets
 
 __all__ = [
@@ -45,12 +46,42 @@ __all__ = [
     "HarvestRun",
     "Harvester",
     "Report",
+    "RunContext",
+    "load_run_targets",
     "random_targets",
     "run",
 ]
 
-ProgressHook = Callable[[int, int], None]
 _G = TypeVar("_G", bound=AsyncIterator[Any])
+
+
+def load_run_targets(
+    config: RunConfig, repo: Repository, targets: TargetSource | Targets | None = None
+) -> Targets:
+    """Load and validate a run's targets (``config.targets`` when None); blocking.
+
+    Raises
+    ------
+    ConfigError
+        Neither ``targets`` nor ``config.targets`` names a target list.
+    TargetError
+        The list is unusable (with ``on_error = "raise"``, a bad row too).
+    """
+    if isinstance(targets, Targets):
+        return targets
+    source = targets if targets is not None else config.targets
+    if source is None:
+        raise ConfigError("no targets: give a target list or set run.targets")
+    if isinstance(source, str) and source.startswith("random:"):
+        return random_targets(repo, source, config.seed)
+    return load_targets(
+        source,
+        columns=config.columns,
+        skymap=repo.skymap,
+        on_error=config.on_error,
+        max_size=config.max_size,
+        bands_allowed=config.bands,
+    )
 
 
 class Harvester:
@@ -71,28 +102,12 @@ class Harvester:
         self.progress = progress
         self._repo: Repository | None = None
         self._source: Source | None = None
-        # Local reads: OSError is worth a few quick retries, nothing else is. Remote
-        # reads: transient HTTP failures (429, 5xx, resets...) with backoff, bounded.
-        if config.source == "local":
-            self.retry = RetryPolicy(
-                attempts=1 + config.fetch.retries, base=0.05, cap=1.0, total=60.0
-            )
-        else:
-            from .sources.remote import REMOTE_RETRY
-
-            self.retry = REMOTE_RETRY
+        self.retry = retry_policy(config)
         self._tg: TaskGroup | None = None
         self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
-        if self.config.source == "local":
-            self._repo = await anyio.to_thread.run_sync(load_repository, self.config.repo)
-            self._source = LocalSource(self._repo, concurrency=self.config.fetch.concurrency)
-        else:
-            # A data service: discovery, its repository (index or SIA), the source.
-            from .sources.auto import open_remote
-
-            self._repo, self._source = await open_remote(self.config)
+        self._repo, self._source = await open_repository_and_source(self.config)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -122,29 +137,41 @@ class Harvester:
 
     # ---- planning -------------------------------------------------------------
 
-    def load(self, targets: TargetSource | Targets | None = None) -> Targets:
-        """Load and validate targets (the config's target list when None)."""
-        if isinstance(targets, Targets):
-            return targets
-        source = targets if targets is not None else self.config.targets
-        if source is None:
-            raise ConfigError("no targets: give a target list or set run.targets")
-        if isinstance(source, str) and source.startswith("random:"):
-            return random_targets(self.repo, source, self.config.seed)
-        return load_targets(
-            source,
-            columns=self.config.columns,
-            skymap=self.repo.skymap,
-            on_error=self.config.on_error,
-            max_size=self.config.max_size,
-            bands_allowed=self.config.bands,
+    @property
+    def context(self) -> RunContext:
+        """What a pipeline needs of this harvester: small, frozen, picklable parts."""
+        return RunContext(
+            config=self.config,
+            repo=self.repo,
+            retry=self.retry,
+            progress=self.progress,
+            open_source=functools.partial(open_source, self.config),
         )
 
+    def load(self, targets: TargetSource | Targets | None = None) -> Targets:
+        """Load and validate targets (the config's target list when None).
+
+        This blocks while it reads the list; from async code (a notebook) use
+        :meth:`aload`.
+        """
+        return load_run_targets(self.config, self.repo, targets)
+
+    async def aload(self, targets: TargetSource | Targets | None = None) -> Targets:
+        """:meth:`load` in a worker thread, so the event loop keeps running."""
+        return await anyio.to_thread.run_sync(self.load, targets)
+
     def plan(self, targets: TargetSource | Targets | None = None) -> Plan:
-        """The plan for a target list: boxes, images, and :meth:`Plan.quote`."""
+        """The plan for a target list: boxes, images, and :meth:`Plan.quote`.
+
+        This blocks while it loads and plans; from async code use :meth:`aplan`.
+        """
         t = self.load(targets)
         side = self.config.size.pixels(self.repo.skymap)
         return make_plan(t, self.repo, self.config.bands, side, self.config.planes)
+
+    async def aplan(self, targets: TargetSource | Targets | None = None) -> Plan:
+        """:meth:`plan` in a worker thread: ``quote = (await h.aplan(t)).quote()``."""
+        return await anyio.to_thread.run_sync(self.plan, targets)
 
     # ---- running --------------------------------------------------------------
 
@@ -167,7 +194,16 @@ class Harvester:
                     yield cutout
 
     async def run(self, targets: TargetSource | Targets | None = None) -> Report:
-        """Harvest everything into the configured outputs; return the report."""
+        """Harvest everything into the configured outputs; return the report.
+
+        Targets that fail are recorded (ledger and ``Report.failures``), not
+        raised; a service outage stops the run early (``Report.stopped``).
+
+        Raises
+        ------
+        ConfigError, TargetError
+            The configuration or the target list is unusable.
+        """
         stats = _Stats()
         batches = self._track(self._batches(targets, stats, recycle=True))
         async for _ in batches:
@@ -193,7 +229,8 @@ class Harvester:
         await self._close_stale(keep=self._open[-1] if self._open else None)
         source = self._source
         t0 = time.perf_counter()
-        run = await anyio.to_thread.run_sync(HarvestRun.prepare, self, targets, recycle)
+        loaded = await self.aload(targets)
+        run = await anyio.to_thread.run_sync(HarvestRun.prepare, self.context, loaded, recycle)
         send, receive = anyio.create_memory_object_stream[CutoutBatch](1)
         scope = anyio.CancelScope()
         done = anyio.Event()
@@ -201,7 +238,7 @@ class Harvester:
         async def pipeline() -> None:
             try:
                 with scope:
-                    await run.execute(source, send)
+                    await run.execute(send, source)
             finally:
                 done.set()
 
@@ -232,9 +269,11 @@ def run(
 
     Raises
     ------
-    RuntimeError
+    HarvesterError
         When called from a running event loop (a notebook): ``await`` the async API
         there instead; starting a second loop in a thread would block the first.
+    ConfigError, TargetError
+        As :meth:`Harvester.run`.
     """
     try:
         asyncio.get_running_loop()

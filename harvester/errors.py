@@ -7,7 +7,11 @@
     ├── TargetError                a target list or a row of it is unusable
     ├── RepositoryError            a repository index or file is missing or broken
     ├── UsageError                 a request can never succeed (no overlap, 404, 422)
+    ├── OutageError                a service stopped answering: the run stops starting work
     └── TransientError             (retryable = True) may succeed if tried again
+
+Only these (and ``OSError``) become a target's ``failed`` record; any other
+exception is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "HarvesterError",
+    "OutageError",
     "RepositoryError",
     "TargetError",
     "TransientError",
@@ -42,6 +47,15 @@ class RepositoryError(HarvesterError):
 
 class UsageError(HarvesterError):
     """A request that will fail however often it is tried."""
+
+
+class OutageError(HarvesterError):
+    """A service has stopped answering: every request to it failed for a while.
+
+    Raised by the remote client's circuit breaker. The run records every target it
+    has not done as ``failed`` with this message, starts no new work and exits
+    non-zero; re-running once the service is back does what is left.
+    """
 
 
 class TransientError(HarvesterError):

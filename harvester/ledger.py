@@ -34,17 +34,26 @@ Layout, and why
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
-from collections.abc import Container
-from dataclasses import dataclass, fields
+from collections.abc import Container, Sequence
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["BATCH_COLUMNS", "DONE_STATUSES", "RESULT_COLUMNS", "Ledger", "LedgerRow"]
+__all__ = [
+    "BATCH_COLUMNS",
+    "DONE_STATUSES",
+    "RESULT_COLUMNS",
+    "BatchRecord",
+    "Ledger",
+    "LedgerRow",
+    "Results",
+]
 
 #: Statuses that resume does not redo.
 DONE_STATUSES = ("ok", "partial", "no_coverage")
@@ -111,20 +120,63 @@ RESULT_COLUMNS = (
     "row",
 )
 
-#: Columns of a ``batches`` row, in the order :meth:`Ledger.record` takes them.
-BATCH_COLUMNS = (
-    "batch",
-    "run",
-    "tract",
-    "patch",
-    "side",
-    "started",
-    "finished",
-    "attempts",
-    "stack_part",
-    "stack_rows",
-    "stack_offset",
-)
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one batch of targets shares, as :meth:`Ledger.record` writes it.
+
+    ``stack_part``, ``stack_rows`` and ``stack_offset`` say where the batch's good
+    cutouts are in the stack (shard file, rows, first row); None without a stack.
+    ``tract``, ``patch`` and ``side`` are None for the invalid rows of a list.
+    """
+
+    batch: int
+    run: int | None
+    tract: int | None
+    patch: int | None
+    side: int | None
+    started: float
+    finished: float
+    attempts: int
+    stack_part: str | None = None
+    stack_rows: int | None = None
+    stack_offset: int | None = None
+
+
+#: Columns of a ``batches`` row: the fields of :class:`BatchRecord`, in order.
+BATCH_COLUMNS = tuple(f.name for f in fields(BatchRecord))
+
+#: One value for every row of a :class:`Results` group, or one value per row.
+Column = Sequence[Any] | str | int | float | None
+
+
+@dataclass(frozen=True)
+class Results:
+    """The records of ``len(id)`` targets of one batch.
+
+    Every other field is either one value for all of them (a str, int or float)
+    or a sequence of ``len(id)`` values; None leaves the column NULL (``attempts``
+    then reads as the batch's). ``stack_row`` is the rows' position in the
+    batch's stack rows, usually ``range(len(id))``. Values must be JSON-encodable:
+    str, int, finite float, None.
+    """
+
+    id: Sequence[str]
+    status: Column
+    idx: Column = None
+    coverage: Column = None
+    stack_row: range | None = None
+    output: Column = None
+    error: Column = None
+    attempts: Column = None
+    row: Column = None
+
+    def columns(self, batch: int) -> dict[str, Any]:
+        """The given columns by name, the batch number added."""
+        named = {f.name: getattr(self, f.name) for f in fields(self)}
+        named = {k: v for k, v in named.items() if v is not None}
+        named["batch"] = batch
+        return named
 
 
 @dataclass(frozen=True)
@@ -242,26 +294,26 @@ class Ledger:
             self._next_batch += 1
             return batch
 
-    def record(self, batch: tuple[Any, ...], *groups: tuple[dict[str, Any], int]) -> None:
+    def record(self, batch: BatchRecord, *groups: Results) -> None:
         """Append a batch row and its targets' rows, in one transaction.
-
-        ``batch`` is in :data:`BATCH_COLUMNS` order. Each group is ``(columns, n)``:
-        ``columns`` maps names from :data:`RESULT_COLUMNS` to a list (or range) of
-        ``n`` values or one value for all ``n`` rows; columns left out are NULL
-        (``attempts`` then reads as the batch's). Values must be JSON-encodable:
-        str, int, finite float, None.
 
         Raises
         ------
         ValueError
-            For an unknown column, a list that is not ``n`` long, or NaN.
+            For a column that does not have one value per target, or NaN.
         """
         statements = []
-        for columns, n in groups:
-            unknown = set(columns) - set(RESULT_COLUMNS)
-            if unknown:
-                raise ValueError(f"unknown ledger columns {sorted(unknown)}")
+        for group in groups:
+            n = len(group.id)
+            columns = group.columns(batch.batch)
+            for k, v in columns.items():
+                # A str is one value for all rows, not a sequence of characters.
+                if not isinstance(v, str | bytes) and isinstance(v, Sequence):
+                    columns[k] = v if isinstance(v, range | list) else list(v)
             short = [k for k, v in columns.items() if isinstance(v, list | range) and len(v) != n]
+            odd = [k for k, v in columns.items() if isinstance(v, float) and not math.isfinite(v)]
+            if odd:
+                raise ValueError(f"ledger columns {odd} are NaN or infinite (not finite)")
             if short:
                 raise ValueError(f"ledger columns {short} do not have {n} values")
             # A range (a batch's rows 0..n-1) is the JSON array's index: not sent.
@@ -290,7 +342,7 @@ class Ledger:
             self._db.execute("BEGIN")
             try:
                 names = ",".join(BATCH_COLUMNS)
-                self._db.execute(f"INSERT INTO batches ({names}) VALUES ({bmarks})", batch)
+                self._db.execute(f"INSERT INTO batches ({names}) VALUES ({bmarks})", astuple(batch))
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")

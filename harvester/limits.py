@@ -12,15 +12,49 @@ says it is overloaded, 503, and creeps back up while it answers: AIMD).
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import anyio
 
-__all__ = ["AdaptiveRateLimiter", "HostLimits", "RateLimiter", "RetryPolicy"]
+from .errors import HarvesterError, OutageError
+
+__all__ = [
+    "TRANSIENT_ERRNOS",
+    "AdaptiveRateLimiter",
+    "CircuitBreaker",
+    "HostLimits",
+    "Isolated",
+    "RateLimiter",
+    "RetryPolicy",
+    "isolate",
+    "retryable",
+]
+
+#: ``OSError`` numbers that may go away if the same call is made again: a busy or
+#: overloaded system (out of descriptors, memory, buffers), an interrupted or
+#: timed-out call, a network file system's stale handle or I/O hiccup. A missing
+#: file, a refused permission or a corrupt file (astropy raises a bare ``OSError``
+#: for a FITS file without an END card) is not retried.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.ENOBUFS,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.EIO,
+    }
+)
 
 
 class RateLimiter:
@@ -62,13 +96,27 @@ class RateLimiter:
         return f"RateLimiter(rate={self.rate}, burst={self.burst})"
 
 
+def retryable(exc: BaseException) -> bool:
+    """Whether trying the call that raised ``exc`` again may succeed.
+
+    An error's own ``retryable`` flag decides (every
+    :class:`~harvester.errors.HarvesterError` has one); an ``OSError`` is
+    retryable when its ``errno`` is in :data:`TRANSIENT_ERRNOS`; nothing else is.
+    """
+    flag = getattr(exc, "retryable", None)
+    if flag is not None:
+        return bool(flag)
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When and how long to wait before trying again.
 
     Retries only errors that say they are retryable (:class:`TransientError`: 429,
-    5xx, resets, timeouts, truncated bodies) and plain ``OSError``; everything else
-    (a 404, a 422, a corrupt file) fails at once. Attempts and total time are both
+    5xx, resets, timeouts, truncated bodies) and ``OSError`` whose ``errno`` is in
+    :data:`TRANSIENT_ERRNOS`; everything else (a 404, a 422, a missing or corrupt
+    file) fails at once. Attempts and total time are both
     bounded. The delay is exponential with full jitter, unless the error carries the
     server's own ``retry_after`` (Retry-After, X-RateLimit-Reset), which wins.
 
@@ -91,10 +139,8 @@ class RetryPolicy:
     jitter: bool = True
 
     def retryable(self, exc: BaseException) -> bool:
-        flag = getattr(exc, "retryable", None)
-        if flag is not None:
-            return bool(flag)
-        return isinstance(exc, OSError)
+        """Whether trying ``exc``'s call again may succeed (:func:`retryable`)."""
+        return retryable(exc)
 
     def delay(self, attempt: int, exc: BaseException | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -123,6 +169,68 @@ class HostLimits:
 
     def __repr__(self) -> str:
         return f"HostLimits(per_host={self.per_host})"
+
+
+class CircuitBreaker:
+    """Notices that a host has stopped answering, so a run can stop, not retry forever.
+
+    Per host, it counts the requests in a row that got no answer at all (refused,
+    reset, timed out). Once ``failures`` of them have failed over at least
+    ``seconds`` with no answer in between, the host is down for the rest of the
+    run: :meth:`check` raises :class:`~harvester.errors.OutageError` before any
+    further request is sent. Both conditions, because many requests in flight fail
+    together in a fraction of a second when a server restarts, and a short blip
+    should cost retries, not the run. Any answer (even a 5xx) ends a streak.
+
+    Parameters
+    ----------
+    failures : int
+        Requests in a row without an answer; 0 turns the breaker off.
+    seconds : float
+        How long the streak must have lasted.
+    clock : callable
+        Monotonic clock, replaceable in tests.
+    """
+
+    def __init__(
+        self, failures: int = 20, seconds: float = 15.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.failures = int(failures)
+        self.seconds = float(seconds)
+        self._clock = clock
+        self._streak: dict[str, tuple[int, float, str]] = {}  # host: (count, since, last)
+        self._down: dict[str, str] = {}
+
+    def check(self, host: str) -> None:
+        """Raise :class:`~harvester.errors.OutageError` if ``host`` is down."""
+        why = self._down.get(host)
+        if why is not None:
+            raise OutageError(why)
+
+    def answered(self, host: str) -> None:
+        """A request to ``host`` got an answer: its streak ends."""
+        self._streak.pop(host, None)
+
+    def failed(self, host: str, error: str) -> None:
+        """A request to ``host`` got no answer (``error`` says how)."""
+        if self.failures <= 0 or host in self._down:
+            return
+        now = self._clock()
+        count, since, _ = self._streak.get(host, (0, now, error))
+        count += 1
+        self._streak[host] = (count, since, error)
+        if count >= self.failures and now - since >= self.seconds:
+            self._down[host] = (
+                f"{host} is down: {count} requests in a row got no answer over "
+                f"{now - since:.1f} s (last: {error}); no more requests were sent to it"
+            )
+
+    def down(self) -> dict[str, str]:
+        """Hosts found down, with why."""
+        return dict(self._down)
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker(failures={self.failures}, seconds={self.seconds})"
 
 
 class AdaptiveRateLimiter:
@@ -228,3 +336,136 @@ class AdaptiveRateLimiter:
 
     def __repr__(self) -> str:
         return f"AdaptiveRateLimiter(ceiling={self.ceiling}, rate={self.rate})"
+
+
+# ---- retry and isolation ---------------------------------------------------------------
+
+S = TypeVar("S")
+R = TypeVar("R")
+
+
+@dataclass
+class _Budget:
+    """What a unit of work and every part it is split into share: one deadline and
+    one pool of retries (a part's first attempt is isolation, not a retry)."""
+
+    retries: int
+    deadline: float
+
+
+@dataclass
+class Isolated(Generic[S, R]):
+    """What :func:`isolate` made of a unit of work.
+
+    ``results``: what the parts that succeeded returned, and in
+    ``result_attempts`` the tries each took (its own and those of every unit it
+    was split from). ``failures``: ``(part, error, attempts)`` for each part that
+    failed, attempts counted the same way. ``attempts``: tries of the whole unit
+    before it succeeded, failed or was split.
+    """
+
+    results: list[R] = field(default_factory=list)
+    result_attempts: list[int] = field(default_factory=list)
+    failures: list[tuple[S, BaseException, int]] = field(default_factory=list)
+    attempts: int = 0
+
+
+async def isolate(
+    call: Callable[[S], Awaitable[R]],
+    work: S,
+    policy: RetryPolicy,
+    split: Callable[[S], Sequence[S]],
+    clock: Callable[[], float] = time.monotonic,
+) -> Isolated[S, R]:
+    """Run ``call(work)`` under ``policy``; split ``work`` to isolate what fails.
+
+    One mechanism for every source:
+
+    * a retryable error (:meth:`RetryPolicy.retryable`) is retried after the
+      policy's delay while the unit's shared budget lasts (``policy.attempts - 1``
+      retries in all and ``policy.total`` seconds, for the unit and all its parts),
+      then the part fails whole: an outage costs at most the policy's attempts per
+      unit of work, never attempts times targets;
+    * any other :class:`~harvester.errors.HarvesterError` or ``OSError`` (a bad
+      box, a corrupt or missing image) splits the part with ``split`` (which
+      returns ``[]`` for a part that cannot be split), and the halves run
+      concurrently, each with one free first attempt; an unsplittable part fails;
+    * :class:`~harvester.errors.OutageError` and every other exception propagate:
+      an outage stops the run, anything else is a bug, not a target's failure.
+
+    Parameters
+    ----------
+    call : async callable
+        Does one part of the work.
+    work : S
+        The unit of work.
+    policy : RetryPolicy
+    split : callable
+        Parts of a part (e.g. its two halves), or an empty sequence.
+    clock : callable
+        Monotonic clock for the deadline.
+    """
+    budget = _Budget(retries=max(0, policy.attempts - 1), deadline=clock() + policy.total)
+    out: Isolated[S, R] = Isolated()
+    out.attempts = await _attempt(call, work, policy, split, clock, budget, 0, out)
+    return out
+
+
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a group stands for: an outage first, else the first one."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    return next((e for e in leaves if isinstance(e, OutageError)), leaves[0])
+
+
+async def _attempt(
+    call: Callable[[S], Awaitable[R]],
+    work: S,
+    policy: RetryPolicy,
+    split: Callable[[S], Sequence[S]],
+    clock: Callable[[], float],
+    budget: _Budget,
+    before: int,
+    out: Isolated[S, R],
+) -> int:
+    """Try one part until it succeeds, fails or is split; return its own attempts."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            result = await call(work)
+            out.results.append(result)
+            out.result_attempts.append(before + tries)
+            return tries
+        except OutageError:
+            raise
+        except (HarvesterError, OSError) as exc:
+            error: BaseException = exc
+            if policy.retryable(exc):
+                wait = policy.delay(tries, exc)
+                if budget.retries > 0 and clock() + wait <= budget.deadline:
+                    budget.retries -= 1
+                    await anyio.sleep(wait)
+                    continue
+                out.failures.append((work, error, before + tries))
+                return tries
+        parts = split(work)
+        if not parts:
+            out.failures.append((work, error, before + tries))
+            return tries
+        try:
+            async with anyio.create_task_group() as tg:
+                for part in parts:
+                    tg.start_soon(
+                        _attempt, call, part, policy, split, clock, budget, before + tries, out
+                    )
+        except BaseExceptionGroup as group:
+            # A part's outage or bug, as itself rather than wrapped once per split.
+            raise _leaf(group) from None
+        return tries

@@ -20,7 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..cutout import CutoutBatch
-from ..errors import HarvesterError
+from ..errors import HarvesterError, OutageError
+from ..limits import retryable
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
 from .base import HandleCache, ImageHandle, assemble_batch
@@ -94,10 +95,14 @@ Chooser = Callable[[Plan, Boxes], str]
 
 
 def pick_error(errors: Sequence[BaseException]) -> BaseException:
-    """The error a batch raises: a retryable one if any (longest ``retry_after``)."""
-    retryable = [e for e in errors if getattr(e, "retryable", isinstance(e, OSError))]
-    if retryable:
-        return max(retryable, key=lambda e: getattr(e, "retry_after", None) or 0.0)
+    """The error a batch raises: an outage first, then a retryable one if any (the
+    longest ``retry_after``), else the first."""
+    outage = [e for e in errors if isinstance(e, OutageError)]
+    if outage:
+        return outage[0]
+    again = [e for e in errors if retryable(e)]
+    if again:
+        return max(again, key=lambda e: getattr(e, "retry_after", None) or 0.0)
     return errors[0]
 
 
@@ -136,7 +141,7 @@ class BatchSource:
         async def one(key: str, boxes: Boxes) -> None:
             try:
                 handles[key] = await chosen[key].prepare(boxes, plan.planes)
-            except (HarvesterError, OSError, ValueError) as exc:
+            except (HarvesterError, OSError) as exc:
                 errors.append(exc)
 
         async with anyio.create_task_group() as tg:

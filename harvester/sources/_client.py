@@ -8,6 +8,10 @@
 * one capacity limiter per host; an AIMD token bucket per service (quotas, and
   back-off on 503); the server's ``X-RateLimit-Remaining``/``Reset`` respected
   before a request is sent, so a quota window is not overrun by requests in flight;
+* a :class:`~harvester.limits.CircuitBreaker` per host: once a host has given no
+  answer to ``service.outage_failures`` requests in a row over at least
+  ``service.outage_seconds``, no more requests go to it and each raises
+  :class:`~harvester.errors.OutageError`, which stops the run;
 * answers mapped onto the error hierarchy: no answer, a reset, a timeout, a
   truncated body, 429 and 5xx are :class:`~harvester.errors.TransientError`
   (with the server's ``Retry-After`` or ``X-RateLimit-Reset``); a refused signed
@@ -33,7 +37,7 @@ import anyio
 
 from ..config import ServiceConfig
 from ..errors import TransientError, UsageError
-from ..limits import AdaptiveRateLimiter, HostLimits
+from ..limits import AdaptiveRateLimiter, CircuitBreaker, HostLimits
 
 __all__ = [
     "ClientStats",
@@ -49,6 +53,10 @@ __all__ = [
 
 class ExpiredUrl(TransientError):
     """Storage refused a signed URL (400/403): fetch a fresh one and try again."""
+
+
+class _NoAnswer(TransientError):
+    """A request that got no answer at all: refused, reset, timed out."""
 
 
 class RefusedError(UsageError):
@@ -198,6 +206,9 @@ class ServiceClient:
         self._token = token
         self.prefixes: tuple[str, ...] = ()
         self.hosts = HostLimits(settings.connections_per_host)
+        self.breaker = CircuitBreaker(
+            getattr(settings, "outage_failures", 20), getattr(settings, "outage_seconds", 15.0)
+        )  # TODO(lead): ServiceConfig fields
         self.rates: dict[str, AdaptiveRateLimiter] = {}
         self._quotas: dict[str, _Quota] = {}
         self.stats = ClientStats()
@@ -290,7 +301,15 @@ class ServiceClient:
                 self.stats.token_sent[service] = self.stats.token_sent.get(service, 0) + 1
             host = urlsplit(url).netloc
             async with self.hosts.limiter(host):
-                response = await self._send(method, url, service, params, data, send, probe)
+                # Checked once a connection slot is free: requests queued behind an
+                # outage are not sent once it is known.
+                self.breaker.check(host)
+                try:
+                    response = await self._send(method, url, service, params, data, send, probe)
+                except _NoAnswer as exc:
+                    self.breaker.failed(host, str(exc))
+                    raise
+                self.breaker.answered(host)
         finally:
             quota.inflight -= 1
         quota.update(response.headers, self.clock())
@@ -332,7 +351,7 @@ class ServiceClient:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.stats.count(service, "error")
             kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            raise TransientError(f"{where}: {kind}") from exc
+            raise _NoAnswer(f"{where}: {kind}") from exc
         self.stats.count(service, str(status))
         self.stats.bytes_received += len(body)
         length = got.get("Content-Length")

@@ -15,12 +15,15 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
+from .._fits import PLANE_HDUS
 from ..cutout import CutoutBatch
-from ..errors import RepositoryError
+from ..errors import RepositoryError, TransientError
+from ..limits import TRANSIENT_ERRNOS
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef, Repository
-from .base import PLANE_HDUS, HandleCache, ImageHandle, assemble_batch, copy_boxes
-from .fits_ranges import PlaneLayout, layout_of, origin, read_hdus
+from ._fits_header import origin, read_hdus
+from ._fits_layout import PlaneLayout, layout_of
+from .base import HandleCache, ImageHandle, assemble_batch, copy_boxes
 
 __all__ = ["CompressedHandle", "LocalSource", "MemmapHandle", "open_local"]
 
@@ -164,7 +167,17 @@ def open_local(repo: Repository, ref: DatasetRef) -> ImageHandle:
         if ref.compressed:
             return CompressedHandle(ref, path)
         return MemmapHandle(ref, path)
-    except (OSError, KeyError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            # Out of descriptors, a stale NFS handle, ...: the engine retries it.
+            raise TransientError(
+                f"{path}: cannot open {ref.band} image of tract {ref.tract} patch {ref.patch} "
+                f"for now: {exc}"
+            ) from exc
+        raise RepositoryError(
+            f"{path}: cannot open {ref.band} image of tract {ref.tract} patch {ref.patch}: {exc}"
+        ) from exc
+    except (KeyError, ValueError) as exc:
         raise RepositoryError(
             f"{path}: cannot open {ref.band} image of tract {ref.tract} patch {ref.patch}: {exc}"
         ) from exc
