@@ -42,6 +42,7 @@ from ..limits import AdaptiveRateLimiter, CircuitBreaker, HostLimits
 __all__ = [
     "ClientStats",
     "ExpiredUrl",
+    "NoAnswerError",
     "RefusedError",
     "Response",
     "ServiceClient",
@@ -55,7 +56,7 @@ class ExpiredUrl(TransientError):
     """Storage refused a signed URL (400/403): fetch a fresh one and try again."""
 
 
-class _NoAnswer(TransientError):
+class NoAnswerError(TransientError):
     """A request that got no answer at all: refused, reset, timed out."""
 
 
@@ -206,9 +207,7 @@ class ServiceClient:
         self._token = token
         self.prefixes: tuple[str, ...] = ()
         self.hosts = HostLimits(settings.connections_per_host)
-        self.breaker = CircuitBreaker(
-            getattr(settings, "outage_failures", 20), getattr(settings, "outage_seconds", 15.0)
-        )  # TODO(lead): ServiceConfig fields
+        self.breaker = CircuitBreaker(settings.outage_failures, settings.outage_seconds)
         self.rates: dict[str, AdaptiveRateLimiter] = {}
         self._quotas: dict[str, _Quota] = {}
         self.stats = ClientStats()
@@ -306,7 +305,7 @@ class ServiceClient:
                 self.breaker.check(host)
                 try:
                     response = await self._send(method, url, service, params, data, send, probe)
-                except _NoAnswer as exc:
+                except NoAnswerError as exc:
                     self.breaker.failed(host, str(exc))
                     raise
                 self.breaker.answered(host)
@@ -351,7 +350,7 @@ class ServiceClient:
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             self.stats.count(service, "error")
             kind = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            raise _NoAnswer(f"{where}: {kind}") from exc
+            raise NoAnswerError(f"{where}: {kind}") from exc
         self.stats.count(service, str(status))
         self.stats.bytes_received += len(body)
         length = got.get("Content-Length")
