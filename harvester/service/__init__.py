@@ -15,16 +15,19 @@ Routes (``dp1`` is the dataset label):
   with ``Range``; ``GET|HEAD /_results/<token>.fits?X-Goog-...``: SODA results.
 
 Tokens (Bearer or Basic), scopes, per-user quotas with ``X-RateLimit-*`` headers,
-injected latency and faults: see :class:`ServiceSettings`. For tests, see
-:mod:`harvester.service.testing`.
+range limits, connection limits (header and keep-alive timeouts, connections per
+client), injected latency, faults and outages: see :class:`ServiceSettings`. For
+tests, see :mod:`harvester.service.testing` (the outage switch is
+``server.faults.down``, the same object as ``server.state.faults``).
 """
 
-from ._app import ROUTE_KINDS, create_app
+from ._app import create_app
 from ._server import run_server
 from ._settings import (
     DATA_ROUTES,
     DEFAULT_QUOTAS,
     FAULT_KINDS,
+    ROUTE_KINDS,
     ServiceSettings,
     load_tokens_file,
     parse_faults,

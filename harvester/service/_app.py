@@ -1,10 +1,12 @@
 """The aiohttp application: routes and the middleware stack.
 
 A request passes, outermost first: the recorder (route kind, ``app["received"]``,
-``app["stats"]``, no traceback ever sent), injected latency, the auth front door,
-the quota counter, then fault injection, then the route. That is the RSP's order:
-Gafaelfawr authenticates and counts before the service sees the request, and a
-backend failure happens after both.
+``app["stats"]``, the connection guard told a request is in, no traceback ever
+sent), the outage switch (a data-route request while the service is down is reset
+before anything else), injected latency, the auth front door, the quota counter,
+then fault injection, then the route. That is the RSP's order: Gafaelfawr
+authenticates and counts before the service sees the request, and a backend
+failure happens after both.
 
 Dependency rule: every service module may be imported here; nothing imports this
 module but the package's public surface.
@@ -25,18 +27,21 @@ from aiohttp import web
 
 from ..repo import Repository
 from ._auth import QuotaTracker, authenticate, quota_headers
+from ._bytesources import BytesSource
+from ._connections import ConnectionGuard
 from ._datalink import datalink_links
 from ._discovery import discovery, repository_index
 from ._faults import FaultInjector
 from ._files import results_file, store_file
-from ._http import FAULT, FAULT_APPLIED, KIND, add_headers, apply_headers, text_response
+from ._http import DELAY, FAULT, FAULT_APPLIED, KIND, add_headers, apply_headers, text_response
 from ._obscore import ObsCoreTable
 from ._results import ResultStore
-from ._settings import QUOTA_SERVICES, SCOPE_IMAGE, ServiceSettings
+from ._send import abort_connection, write_pieces
+from ._settings import QUOTA_SERVICES, ROUTE_KINDS, SCOPE_IMAGE, ServiceSettings
 from ._sia import sia_availability, sia_capabilities, sia_query
+from ._signing import Signer
 from ._soda import soda_availability, soda_capabilities, soda_sync
 from ._state import STATE, RequestRecord, ServiceState
-from ._storage import BytesSource, Signer, abort_connection, write_pieces
 
 __all__ = ["ROUTE_KINDS", "create_app"]
 
@@ -59,18 +64,6 @@ _ROUTES: tuple[tuple[tuple[str, ...], str, Handler, str], ...] = (
     (("GET",), "/_results/{name}", results_file, "results"),
 )
 
-#: Route kinds, for ``app["stats"]`` keys and ``fault_routes``.
-ROUTE_KINDS = (
-    "discovery",
-    "vosi",
-    "sia",
-    "datalink",
-    "cutout",
-    "repository",
-    "storage",
-    "results",
-    "other",
-)
 _KIND_OF: dict[object, str] = {handler: kind for _, _, handler, kind in _ROUTES}
 #: Routes behind the token front door, all with the read:image scope.
 _AUTH_KINDS = frozenset({"sia", "datalink", "cutout", "repository"})
@@ -82,6 +75,35 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
     kind = _KIND_OF.get(request.match_info.handler, "other")
     request[KIND] = kind
+    state.connections.request_started(request.protocol)
+    try:
+        resp = await _answer(request, handler)
+    finally:
+        state.connections.request_finished(request.protocol)
+    apply_headers(request, resp)
+    fault = request.get(FAULT_APPLIED)
+    status = 0 if fault in ("reset", "down") else resp.status
+    state.stats[(kind, status)] += 1
+    if fault:
+        state.fault_counts[(kind, fault)] += 1
+    state.received.append(
+        RequestRecord(
+            method=request.method,
+            path=request.path,
+            query_keys=tuple(request.query.keys()),
+            authorization="Authorization" in request.headers,
+            kind=kind,
+            status=status,
+            fault=fault,
+            time=state.settings.clock(),
+            delay=request.get(DELAY, 0.0),
+        )
+    )
+    return resp
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's answer, or the plain answer to what it raised."""
     try:
         resp = await handler(request)
     except web.HTTPException as exc:
@@ -98,25 +120,22 @@ async def _record(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         resp = text_response(500, "Error: Internal server error\n")
-    apply_headers(request, resp)
-    fault = request.get(FAULT_APPLIED)
-    status = 0 if fault == "reset" else resp.status
-    state.stats[(kind, status)] += 1
-    if fault:
-        state.fault_counts[(kind, fault)] += 1
-    state.received.append(
-        RequestRecord(
-            method=request.method,
-            path=request.path,
-            query_keys=tuple(request.query.keys()),
-            authorization="Authorization" in request.headers,
-            kind=kind,
-            status=status,
-            fault=fault,
-            time=state.settings.clock(),
-        )
-    )
     return resp
+
+
+@web.middleware
+async def _outage(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    if request[KIND] not in state.settings.fault_routes:
+        return await handler(request)
+    if not state.faults.admit():
+        request[FAULT_APPLIED] = "down"
+        abort_connection(request)
+        return web.Response(status=503)  # never sent: the connection is gone
+    try:
+        return await handler(request)
+    finally:
+        state.faults.answered()
 
 
 @web.middleware
@@ -125,6 +144,7 @@ async def _latency(request: web.Request, handler: Handler) -> web.StreamResponse
     if request[KIND] in state.settings.fault_routes:
         delay = state.faults.delay()
         if delay > 0:
+            request[DELAY] = delay
             await asyncio.sleep(delay)
     return await handler(request)
 
@@ -253,7 +273,10 @@ def create_app(repo: Repository, settings: ServiceSettings | None = None) -> web
         :class:`~harvester.service.RequestRecord`), ``app["stats"]`` (a
         ``Counter`` of ``(route kind, status)``; status 0 for a reset connection),
         ``app["faults"]`` (a ``Counter`` of ``(route kind, fault)``) and
-        ``app["state"]``.
+        ``app["state"]`` (``.faults``: the fault injector and its outage switch;
+        ``.connections``: the connection guard, in force when the application is
+        served by :func:`~harvester.service.run_server`, ``serve`` or
+        ``serve_in_thread``, not by a plain aiohttp runner).
 
     Raises
     ------
@@ -274,13 +297,15 @@ def create_app(repo: Repository, settings: ServiceSettings | None = None) -> web
             settings.latency_ms,
             settings.jitter_ms,
             settings.seed,
+            settings.outage_after,
         ),
         results=ResultStore(settings.clock, settings.max_results, settings.max_result_bytes),
         received=deque(maxlen=settings.received_maxlen),
+        connections=ConnectionGuard(settings.header_timeout, settings.max_connections_per_client),
     )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[_record, _latency, _auth, _quota, _faults],
+        middlewares=[_record, _outage, _latency, _auth, _quota, _faults],
     )
     app[STATE] = state
     with warnings.catch_warnings():

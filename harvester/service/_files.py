@@ -17,8 +17,10 @@ import uuid
 
 from aiohttp import web
 
+from ._bytesources import BytesSource
+from ._send import serve_bytes
+from ._signing import AccessDenied, s3_error
 from ._state import STATE, ServiceState
-from ._storage import AccessDenied, BytesSource, s3_error, serve_bytes
 
 __all__ = ["results_file", "store_file"]
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 __all__ = [
+    "DELAY",
     "EXTRA_HEADERS",
     "FAULT",
     "FAULT_APPLIED",
@@ -27,6 +28,8 @@ KIND = web.RequestKey("harvester_kind", str)
 FAULT = web.RequestKey("harvester_fault", str)
 #: The fault actually injected into this request's answer, for the records.
 FAULT_APPLIED = web.RequestKey("harvester_fault_applied", str)
+#: The latency injected before answering this request, in seconds.
+DELAY = web.RequestKey("harvester_delay", float)
 #: Headers every answer to this request must carry (quota headers).
 EXTRA_HEADERS = web.RequestKey("harvester_extra_headers", dict[str, str])
 

@@ -1,21 +1,45 @@
-"""Run the service in the foreground (the ``harvester serve`` command).
+"""Run the service in the foreground (the ``harvester serve`` command), and start
+an application's listener (also used by :mod:`.testing`).
 
-Dependency rule: :mod:`._app` and :mod:`._state` only.
+Dependency rule: :mod:`._app`, :mod:`._connections`, :mod:`._settings` and
+:mod:`._state` only.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from ..repo import Repository
 from ._app import create_app
+from ._connections import GuardedSite
 from ._settings import ServiceSettings
 from ._state import STATE
 
-__all__ = ["run_server"]
+__all__ = ["run_server", "start_runner"]
+
+
+async def start_runner(app: web.Application, host: str, port: int, **kw: Any) -> web.AppRunner:
+    """Set up ``app`` and listen on ``host:port``, through its connection guard.
+
+    The application's ``keepalive_timeout`` setting goes to aiohttp's request
+    handler; other keywords to :class:`aiohttp.web.AppRunner`. Call
+    ``runner.cleanup()`` to stop.
+    """
+    state = app[STATE]
+    runner = web.AppRunner(
+        app, handle_signals=False, keepalive_timeout=state.settings.keepalive_timeout, **kw
+    )
+    await runner.setup()
+    try:
+        await GuardedSite(runner, host, port, state.connections).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 async def _serve_forever(
@@ -26,11 +50,8 @@ async def _serve_forever(
     ready: Callable[[str], None] | None,
 ) -> None:
     app = create_app(repo, settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
+    runner = await start_runner(app, host, port, shutdown_timeout=5.0)
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
         if ":" in shown:

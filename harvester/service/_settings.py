@@ -1,5 +1,10 @@
 """Settings of the data service: one frozen value object, plus parsers for the CLI.
 
+:class:`ServiceSettings` keeps its fields flat (``ServiceSettings(max_ranges=50)``);
+its validation is split by section (identity, auth, quotas, storage and ranges,
+faults, connections, limits), each section checking its own keys once. Every
+error names the key and the value.
+
 Dependency rule: standard library and :mod:`harvester.errors` only.
 """
 
@@ -21,6 +26,7 @@ __all__ = [
     "DEFAULT_QUOTAS",
     "FAULT_KINDS",
     "QUOTA_SERVICES",
+    "ROUTE_KINDS",
     "SCOPE_IMAGE",
     "SCOPE_TAP",
     "ServiceSettings",
@@ -33,7 +39,21 @@ __all__ = [
 SCOPE_IMAGE = "read:image"
 SCOPE_TAP = "read:tap"
 
-#: Route kinds on which latency and faults are injected (never discovery or VOSI).
+#: Route kinds, for ``app["stats"]`` keys and ``fault_routes``.
+ROUTE_KINDS = (
+    "discovery",
+    "vosi",
+    "sia",
+    "datalink",
+    "cutout",
+    "repository",
+    "storage",
+    "results",
+    "other",
+)
+
+#: Route kinds on which latency, faults and outages are injected (never discovery,
+#: VOSI or the repository index).
 DATA_ROUTES = frozenset({"sia", "datalink", "cutout", "storage", "results"})
 
 #: The kinds of injected fault, by name.
@@ -56,6 +76,25 @@ _QUOTA_ALIASES = {v: k for k, v in QUOTA_SERVICES.items()}
 DEFAULT_QUOTAS: Mapping[str, int] = types.MappingProxyType({"cutout": 35, "sia": 70})
 
 
+def _fail(key: str, value: object, rule: str) -> ConfigError:
+    return ConfigError(f"service: {key} must be {rule}, not {value!r}")
+
+
+def _positive(key: str, value: object, *, zero: bool = False) -> None:
+    """A finite number > 0 (or >= 0 with ``zero``)."""
+    rule = ">= 0" if zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(key, value, f"a number {rule}")
+    if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        raise _fail(key, value, rule)
+
+
+def _count(key: str, value: object, minimum: int) -> None:
+    """An integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(key, value, f"an integer >= {minimum}")
+
+
 def _frozen_tokens(tokens: Mapping[str, Iterable[str]]) -> Mapping[str, frozenset[str]]:
     out: dict[str, frozenset[str]] = {}
     for token, scopes in tokens.items():
@@ -72,17 +111,28 @@ def _frozen_tokens(tokens: Mapping[str, Iterable[str]]) -> Mapping[str, frozense
 class ServiceSettings:
     """How ``harvester serve`` behaves. Every field has a working default.
 
-    Parameters
-    ----------
+    Identity:
+
     base_url : str, optional
         Public URL of the server (no trailing slash). ``None``: the address the
         server is bound to, set when it starts (or the request's own origin).
     dataset : str
         The dataset label (``dp1``): SIA path, DataLink IDs, discovery.
+
+    Auth:
+
     tokens : mapping of str to set of str
         Accepted tokens and their scopes (a token is also the user for quotas).
     auth : bool
         Require tokens on SIA, DataLink, SODA and the repository route.
+    reject_auth_on_storage : bool
+        Answer 400 (as S3 does) when a signed URL is fetched with an
+        ``Authorization`` header, instead of ignoring it.
+    secret : bytes, optional
+        HMAC key of the signed URLs; random per application when ``None``.
+
+    Quotas:
+
     quotas : mapping of str to int
         Requests per user per ``quota_window`` seconds, by service key
         (``sia``, ``cutout``, ``datalink``, ``repository``, ``storage``, ``results``;
@@ -90,15 +140,25 @@ class ServiceSettings:
         Missing services are unlimited.
     quota_window : float
         Length of the fixed quota window in seconds.
+
+    Storage and ranges:
+
     multi_range : bool
         Answer multi-range requests with ``multipart/byteranges``. ``False`` behaves
-        like an object store: a multi-range request gets ``200`` and the whole body.
+        like an object store: a request with more than one satisfiable range gets
+        ``200`` and the whole body (ranges are then never merged).
     max_ranges : int
-        More ranges than this in one request: the Range header is ignored (200).
+        Most ranges answered in one request, counted after overlapping and adjacent
+        ranges are merged; more: the Range header is ignored (200, the whole body).
     url_lifetime : float
         Lifetime in seconds of the signed file URLs in DataLink (and its max-age).
     result_lifetime : float
         Lifetime in seconds of the signed SODA result URLs.
+    max_results, max_result_bytes : int
+        Bounds of the in-memory SODA result store (oldest evicted first).
+
+    Faults (on ``fault_routes`` only):
+
     latency_ms, jitter_ms : float
         Added before answering data routes: ``latency + uniform(0, jitter)``.
     fault_rate : float
@@ -106,11 +166,32 @@ class ServiceSettings:
     faults : tuple of str
         Fault kinds to draw from: ``500``, ``503``, ``reset``, ``truncate``, ``slow``.
     fault_routes : frozenset of str
-        Route kinds subject to latency and faults.
+        Route kinds subject to latency, faults and outages (default: SIA, DataLink,
+        SODA, storage and results).
     slow_body_seconds : float
         How long a ``slow`` fault takes to trickle a body out.
     seed : int
         Seed of the fault and jitter random generators (reproducible runs).
+    outage_after : int
+        After this many data-route requests have been answered, the service goes
+        down (every data-route request reset) until ``faults.down`` is set False;
+        0: never (see :class:`~harvester.service._faults.FaultInjector`).
+
+    Connections:
+
+    header_timeout : float
+        A connection must deliver a complete request head within this many seconds
+        of opening (or of the first byte of a later request); else it is closed.
+    keepalive_timeout : float
+        An idle keep-alive connection is closed after this many seconds.
+    max_connections_per_client : int
+        Open connections allowed per client IP address; one more is closed at once,
+        unanswered.
+    max_body_bytes : int
+        Largest POST body (413 beyond).
+
+    Limits:
+
     cutout_workers : int
         Threads computing cutouts; more requests wait in a queue.
     sync_timeout : float
@@ -123,22 +204,13 @@ class ServiceSettings:
         Largest stencil radius (or polygon extent from its centre) in degrees.
     max_polygon_vertices : int
         Most vertices in a POLYGON (SIA and SODA).
-    max_body_bytes : int
-        Largest POST body (413 beyond).
     sia_maxrec : int
         Default and hard cap of SIA MAXREC.
-    max_results, max_result_bytes : int
-        Bounds of the in-memory SODA result store (oldest evicted first).
     received_maxlen : int
         Length of the ``app["received"]`` record of requests.
-    secret : bytes, optional
-        HMAC key of the signed URLs; random per application when ``None``.
     clock : callable
         Wall clock (epoch seconds) for signatures, expiry and quotas; inject a
         fake one in tests.
-    reject_auth_on_storage : bool
-        Answer 400 (as S3 does) when a signed URL is fetched with an
-        ``Authorization`` header, instead of ignoring it.
     """
 
     base_url: str | None = None
@@ -158,6 +230,7 @@ class ServiceSettings:
     fault_routes: frozenset[str] = DATA_ROUTES
     slow_body_seconds: float = 1.0
     seed: int = 0
+    outage_after: int = 0
     cutout_workers: int = 4
     sync_timeout: float = 60.0
     max_ids: int = 1000
@@ -172,9 +245,42 @@ class ServiceSettings:
     secret: bytes | None = None
     clock: Callable[[], float] = time.time
     reject_auth_on_storage: bool = False
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections_per_client: int = 128
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tokens", _frozen_tokens(self.tokens))
+        self._check_identity()
+        self._check_auth()
+        self._check_quotas()
+        self._check_storage()
+        self._check_faults()
+        self._check_connections()
+        self._check_limits()
+
+    def _set(self, key: str, value: object) -> None:
+        object.__setattr__(self, key, value)
+
+    def _check_identity(self) -> None:
+        if self.base_url is not None:
+            if not isinstance(self.base_url, str) or not self.base_url.startswith(
+                ("http://", "https://")
+            ):
+                raise _fail("base_url", self.base_url, "an http(s):// URL")
+            self._set("base_url", self.base_url.rstrip("/"))
+        label = self.dataset
+        if not isinstance(label, str) or not label.replace("_", "").replace("-", "").isalnum():
+            raise _fail("dataset", label, "an alphanumeric label ('-' and '_' allowed)")
+
+    def _check_auth(self) -> None:
+        self._set("tokens", _frozen_tokens(self.tokens))
+        for key in ("auth", "reject_auth_on_storage"):
+            if not isinstance(getattr(self, key), bool):
+                raise _fail(key, getattr(self, key), "True or False")
+        if self.secret is not None and not (isinstance(self.secret, bytes) and self.secret):
+            raise _fail("secret", self.secret, "non-empty bytes or None")
+
+    def _check_quotas(self) -> None:
         quotas: dict[str, int] = {}
         for key, limit in self.quotas.items():
             name = _QUOTA_ALIASES.get(key, key)
@@ -183,61 +289,59 @@ class ServiceSettings:
                     f"service: unknown quota service {key!r}; "
                     f"choose from {', '.join(QUOTA_SERVICES)}"
                 )
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-                raise ConfigError(f"service: quota {key}={limit!r} must be an integer >= 0")
+            _count(f"quota {key}", limit, 0)
             quotas[name] = limit
-        object.__setattr__(self, "quotas", types.MappingProxyType(quotas))
-        object.__setattr__(self, "faults", tuple(self.faults))
-        object.__setattr__(self, "fault_routes", frozenset(self.fault_routes))
+        self._set("quotas", types.MappingProxyType(quotas))
+        _positive("quota_window", self.quota_window)
+
+    def _check_storage(self) -> None:
+        if not isinstance(self.multi_range, bool):
+            raise _fail("multi_range", self.multi_range, "True or False")
+        for key in ("max_ranges", "max_results", "max_result_bytes"):
+            _count(key, getattr(self, key), 1)
+        for key in ("url_lifetime", "result_lifetime"):
+            _positive(key, getattr(self, key))
+
+    def _check_faults(self) -> None:
+        self._set("faults", tuple(self.faults))
         for kind in self.faults:
             if kind not in FAULT_KINDS:
                 raise ConfigError(
                     f"service: unknown fault kind {kind!r}; choose from {', '.join(FAULT_KINDS)}"
                 )
-        if self.base_url is not None:
-            if not self.base_url.startswith(("http://", "https://")):
-                raise ConfigError(f"service: base_url {self.base_url!r} must be http(s)://...")
-            object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
-        if not self.dataset or not self.dataset.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"service: dataset label {self.dataset!r} must be alphanumeric")
-        positive = {
-            "quota_window": self.quota_window,
-            "url_lifetime": self.url_lifetime,
-            "result_lifetime": self.result_lifetime,
-            "sync_timeout": self.sync_timeout,
-            "max_stencil_deg": self.max_stencil_deg,
-        }
-        for key, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"service: {key} must be > 0, not {value!r}")
-        at_least_one = {
-            "max_ranges": self.max_ranges,
-            "cutout_workers": self.cutout_workers,
-            "max_ids": self.max_ids,
-            "max_cutout_side": self.max_cutout_side,
-            "sia_maxrec": self.sia_maxrec,
-            "max_results": self.max_results,
-            "max_result_bytes": self.max_result_bytes,
-            "received_maxlen": self.received_maxlen,
-            "max_body_bytes": self.max_body_bytes,
-        }
-        for key, ivalue in at_least_one.items():
-            if ivalue < 1:
-                raise ConfigError(f"service: {key} must be >= 1, not {ivalue!r}")
-        if self.max_polygon_vertices < 3:
-            raise ConfigError("service: max_polygon_vertices must be >= 3")
-        non_negative = {
-            "latency_ms": self.latency_ms,
-            "jitter_ms": self.jitter_ms,
-            "slow_body_seconds": self.slow_body_seconds,
-        }
-        for key, value in non_negative.items():
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"service: {key} must be >= 0, not {value!r}")
-        if not 0.0 <= self.fault_rate <= 1.0:
-            raise ConfigError(f"service: fault_rate must be in [0, 1], not {self.fault_rate!r}")
-        if self.fault_rate > 0 and not self.faults:
+        self._set("fault_routes", frozenset(self.fault_routes))
+        unknown = sorted(map(repr, self.fault_routes - frozenset(ROUTE_KINDS)))
+        if unknown:
+            raise ConfigError(
+                f"service: unknown route kind {unknown[0]} in fault_routes; "
+                f"choose from {', '.join(ROUTE_KINDS)}"
+            )
+        for key in ("latency_ms", "jitter_ms", "slow_body_seconds"):
+            _positive(key, getattr(self, key), zero=True)
+        rate = self.fault_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise _fail("fault_rate", rate, "in [0, 1]")
+        if rate > 0 and not self.faults:
             raise ConfigError("service: fault_rate > 0 needs at least one fault kind")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _fail("seed", self.seed, "an integer")
+        _count("outage_after", self.outage_after, 0)
+
+    def _check_connections(self) -> None:
+        for key in ("header_timeout", "keepalive_timeout"):
+            _positive(key, getattr(self, key))
+        for key in ("max_connections_per_client", "max_body_bytes"):
+            _count(key, getattr(self, key), 1)
+
+    def _check_limits(self) -> None:
+        for key in ("cutout_workers", "max_ids", "max_cutout_side", "sia_maxrec"):
+            _count(key, getattr(self, key), 1)
+        _count("received_maxlen", self.received_maxlen, 1)
+        _count("max_polygon_vertices", self.max_polygon_vertices, 3)
+        for key in ("sync_timeout", "max_stencil_deg"):
+            _positive(key, getattr(self, key))
+        if not callable(self.clock):
+            raise _fail("clock", self.clock, "a callable returning epoch seconds")
 
     def replace(self, **changes: Any) -> ServiceSettings:
         """A copy with some fields changed."""

@@ -14,11 +14,13 @@ from aiohttp import web
 
 from ..repo import Repository
 from ._auth import QuotaTracker
+from ._bytesources import OpenFiles
+from ._connections import ConnectionGuard
 from ._faults import FaultInjector
 from ._obscore import ObsCoreTable
 from ._results import ResultStore
 from ._settings import ServiceSettings
-from ._storage import OpenFiles, Signer
+from ._signing import Signer
 
 __all__ = ["STATE", "RequestRecord", "ServiceState"]
 
@@ -28,7 +30,8 @@ class RequestRecord:
     """What the server received, for tests: never a header or parameter value.
 
     ``status`` is 0 when the connection was reset without an answer; ``fault`` the
-    injected fault, if any.
+    injected fault, if any (``down`` for a request refused during an outage);
+    ``delay`` the injected latency in seconds.
     """
 
     method: str
@@ -39,6 +42,7 @@ class RequestRecord:
     status: int
     fault: str | None
     time: float
+    delay: float = 0.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ServiceState:
     faults: FaultInjector
     results: ResultStore
     received: deque[RequestRecord]
+    connections: ConnectionGuard
     stats: Counter[tuple[str, int]] = field(default_factory=Counter)
     fault_counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     bound_url: str | None = None

@@ -15,6 +15,13 @@ Two ways, both on ``127.0.0.1`` with a free port:
       with serve_in_thread(repo, settings) as server:
           requests.get(server.base_url + "/repertoire/discovery")
 
+An outage on the data routes, for a client's outage test::
+
+    server.faults.down = True  # the same object as server.state.faults
+    ...  # every SIA, DataLink, SODA, storage and results request is reset
+    assert server.faults.refused_while_down > 0
+    server.faults.down = False
+
 :class:`FakeClock` is a settable wall clock to pass as ``ServiceSettings.clock`` to
 test expiry and quota windows without sleeping.
 """
@@ -33,6 +40,9 @@ from aiohttp import web
 
 from ..repo import Repository
 from ._app import create_app
+from ._connections import ConnectionGuard
+from ._faults import FaultInjector
+from ._server import start_runner
 from ._settings import ServiceSettings
 from ._state import STATE, RequestRecord, ServiceState
 
@@ -79,6 +89,17 @@ class ServerHandle:
         return self.app[STATE]
 
     @property
+    def faults(self) -> FaultInjector:
+        """The fault injector, with the outage switch: ``server.faults.down = True``
+        (the same object as ``server.state.faults``)."""
+        return self.app[STATE].faults
+
+    @property
+    def connections(self) -> ConnectionGuard:
+        """The connection guard: ``accepted``, ``refused``, ``header_timeouts``."""
+        return self.app[STATE].connections
+
+    @property
     def received(self) -> deque[RequestRecord]:
         """Records of the requests received (never header or parameter values)."""
         return self.app[STATE].received
@@ -102,10 +123,7 @@ class ServerHandle:
 
 
 async def _start(app: web.Application, port: int) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, _HOST, port)
-    await site.start()
+    runner = await start_runner(app, _HOST, port, access_log=None, shutdown_timeout=2.0)
     bound = runner.addresses[0]
     url = f"http://{_HOST}:{bound[1]}"
     app[STATE].bound_url = url
