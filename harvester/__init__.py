@@ -6,16 +6,18 @@ The public API is what this module exports; everything else is internal.
 from ._version import __version__
 from .config import FetchConfig, GridConfig, RunConfig, load_config
 from .cutout import Cutout, CutoutBatch
-from .engine import Harvester, Report, run
+from .engine import Harvester, run
 from .errors import (
     ConfigError,
     HarvesterError,
+    OutageError,
     RepositoryError,
     TargetError,
     TransientError,
     UsageError,
 )
 from .repo import DatasetRef, Repository, load_repository
+from .report import Report
 from .skymap import LSST_CELLS_V1, Placement, SkyMap, SkyMapConfig
 from .targets import BadRow, ColumnNames, Size, Targets, load_targets
 
@@ -31,6 +33,7 @@ __all__ = [
     "GridConfig",
     "Harvester",
     "HarvesterError",
+    "OutageError",
     "Placement",
     "Report",
     "Repository",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -15,17 +16,23 @@ import anyio
 import numpy as np
 
 from ._os import pin_mmap_threshold
+from ._serve_command import add_serve_command
 from ._version import __version__
-from .config import GridConfig, RunConfig, load_config
-from .engine import Harvester, Report, run
+from .config import OVERRIDES, BadValue, GridConfig, RunConfig, apply_override, load_config
+from .engine import Harvester, run
 from .errors import HarvesterError
 from .progress import ProgressBar
+from .report import Report
 from .skymap import SkyMap
 from .targets import Size, load_targets, parse_size
 
 __all__ = ["main"]
 
 DEFAULT_REPO = Path("data/ecdfs")
+
+
+class CommandLineError(HarvesterError):
+    """A command-line argument is unusable; the message names it."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,73 +175,61 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="out/ecdfs", help="output folder")
     demo.set_defaults(func=_cmd_demo)
 
-    srv = sub.add_parser(
-        "serve",
-        help="serve a repository the way the Rubin Science Platform serves DP1",
-        description="Serve a repository over HTTP like the RSP serves DP1: discovery, "
-        "SIA v2, DataLink, SODA sync cutouts, signed file URLs with Range, tokens, "
-        "quotas, and optional injected latency and faults.",
-    )
-    srv.add_argument("repo", help="repository folder")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    srv.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
-    srv.add_argument("--base-url", help="public URL, if not http://HOST:PORT")
-    srv.add_argument(
-        "--token", action="append", default=[], help="accept this token (read:image; repeatable)"
-    )
-    srv.add_argument("--tokens-file", help="file of 'TOKEN SCOPE[,SCOPE...]' lines")
-    srv.add_argument("--no-auth", action="store_true", help="serve without tokens")
-    srv.add_argument("--dataset", default="dp1", help="dataset label (default dp1)")
-    srv.add_argument(
-        "--single-range",
-        action="store_true",
-        help="object-store mode: a multi-range request gets 200 and the whole file",
-    )
-    srv.add_argument("--latency-ms", type=float, default=0.0, help="added to data answers")
-    srv.add_argument("--jitter-ms", type=float, default=0.0, help="random extra latency, up to")
-    srv.add_argument("--fault-rate", type=float, default=0.0, help="fault probability per request")
-    srv.add_argument("--faults", default="500,503,reset,truncate,slow", help="fault kinds")
-    srv.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
-    srv.add_argument(
-        "--quota",
-        action="append",
-        default=[],
-        metavar="SERVICE=N",
-        help="requests per user per minute, e.g. cutout=35, sia=70, datalink=none",
-    )
-    srv.add_argument("--url-lifetime", type=float, default=3600.0, help="signed URL seconds")
-    srv.add_argument("--cutout-workers", type=int, default=4, help="cutout worker threads")
-    srv.set_defaults(func=_cmd_serve)
+    add_serve_command(sub)
     return p
 
 
+#: The flags of ``harvester run`` and ``plan`` that override config keys: the
+#: override (a key of :data:`harvester.config.OVERRIDES`) each sets.
+FLAGS = {
+    "--targets": "targets",
+    "--repo": "repo",
+    "--output": "output",
+    "--bands": "bands",
+    "--size": "size",
+    "--planes": "planes",
+    "--formats": "formats",
+    "--concurrency": "concurrency",
+    "--rate": "rate",
+    "--batch-size": "batch_size",
+    "--on-error": "on_error",
+    "--source": "source",
+    "--service-url": "service_url",
+    "--token": "token",
+}
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(
-        args.config,
-        targets=args.targets,
-        repo=args.repo,
-        output=args.output,
-        bands=args.bands,
-        size=args.size,
-        planes=args.planes,
-        formats=args.formats,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        batch_size=args.batch_size,
-        on_error=args.on_error,
-        source=args.source,
-        service_url=args.service_url,
-        token=args.token,
-    )
+    """The config file, then each flag given, in order; a bad flag names itself.
+
+    ``--bands q`` is reported as ``--bands q: wanted distinct bands of ...``; when
+    a flag's value is fine but clashes with another key (``--bands z`` against
+    ``grid.rgb``), the message names the flag and then the key it clashes with.
+    """
+    config = load_config(args.config)
+    for flag, name in FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        try:
+            config = apply_override(config, name, value)
+        except BadValue as exc:
+            typed = f"{value:g}" if isinstance(value, float) else str(value)  # as typed: 2, not 2.0
+            shown = flag if exc.secret else f"{flag} {shlex.quote(typed)}"
+            own = exc.key == ".".join(OVERRIDES[name])
+            raise CommandLineError(f"{shown}: {exc.problem if own else exc}") from None
+    return config
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = _config(args)
 
+    ledger = None if config.output is None else config.output / "ledger.sqlite"
+
     async def quote() -> list[str]:
         async with Harvester(config) as h:
             plan = h.plan()
-            lines = plan.quote().lines()
+            lines = plan.quote(ledger).lines()
             bad = plan.targets.bad
             if bad:
                 lines.append(f"bad rows           {len(bad)} (first: {bad[0]})")
@@ -286,14 +281,14 @@ def _size_arg(text: str | None) -> Size | None:
     try:
         return parse_size(text)
     except ValueError as exc:
-        raise SystemExit(f"harvester: error: --size: {exc}") from None
+        raise CommandLineError(f"--size {shlex.quote(text)}: {exc}") from None
 
 
 def _coord_arg(name: str, text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise SystemExit(f"harvester: error: {name} {text!r} is not a number (degrees)") from None
+        raise CommandLineError(f"{name} {text!r} is not a number (degrees)") from None
 
 
 def _cmd_locate(args: argparse.Namespace) -> int:
@@ -301,13 +296,13 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     size = _size_arg(args.size)
     if args.targets:
         if args.ra is not None:
-            raise SystemExit("harvester: error: give RA DEC or --targets, not both")
+            raise CommandLineError("give RA DEC or --targets, not both")
         targets = load_targets(args.targets, skymap=skymap)
         ids, ra, dec = [str(i) for i in targets.id], targets.ra, targets.dec
         sides = np.where(targets.size > 0, targets.size, size.pixels(skymap) if size else 0)
     else:
         if args.ra is None or args.dec is None:
-            raise SystemExit("harvester: error: locate needs RA and DEC (degrees) or --targets")
+            raise CommandLineError("locate needs RA and DEC (degrees) or --targets")
         ra = np.array([_coord_arg("RA", args.ra)])
         dec = np.array([_coord_arg("Dec", args.dec)])
         ids = [None]  # type: ignore[list-item]
@@ -315,7 +310,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     try:
         place = skymap.locate(ra, dec)
     except ValueError as exc:
-        raise SystemExit(f"harvester: error: {exc}") from None
+        raise CommandLineError(str(exc)) from None
     rows = []
     for i in range(len(place)):
         row: dict[str, Any] = {} if ids[i] is None else {"id": ids[i]}
@@ -392,7 +387,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             skymap.patch_index(patch)
             skymap.tract_center(tract)
         except ValueError as exc:
-            raise SystemExit(f"harvester: error: --patch {item!r}: {exc}") from None
+            raise CommandLineError(f"--patch {item!r}: {exc}") from None
         patches.add((tract, patch))
     half = (_size_arg(args.size) or Size(0)).pixels(skymap) // 2 + 1
     if args.targets:
@@ -487,60 +482,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  {out}/ledger.sqlite        one row per target, e.g.\n"
         f"      sqlite3 {out}/ledger.sqlite 'select id, status, coverage, output from targets'"
     )
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from .repo import load_repository
-    from .service import (
-        DEFAULT_QUOTAS,
-        ServiceSettings,
-        load_tokens_file,
-        parse_faults,
-        parse_quota,
-        run_server,
-    )
-
-    tokens = load_tokens_file(args.tokens_file) if args.tokens_file else {}
-    for token in args.token:
-        tokens[token] = frozenset({"read:image"})
-    quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
-    for item in args.quota:
-        name, limit = parse_quota(item)
-        if limit is None:
-            quotas.pop(name, None)
-        else:
-            quotas[name] = limit
-    settings = ServiceSettings(
-        base_url=args.base_url,
-        dataset=args.dataset,
-        tokens=tokens,
-        auth=not args.no_auth,
-        quotas=quotas,
-        multi_range=not args.single_range,
-        latency_ms=args.latency_ms,
-        jitter_ms=args.jitter_ms,
-        fault_rate=args.fault_rate,
-        faults=parse_faults(args.faults),
-        seed=args.seed,
-        url_lifetime=args.url_lifetime,
-        cutout_workers=args.cutout_workers,
-    )
-    settings.check_startable()
-    repo = load_repository(args.repo)
-
-    def ready(url: str) -> None:
-        auth = "no auth" if args.no_auth else f"{len(tokens)} token(s)"
-        print(f"Serving {args.repo} ({len(repo)} files) as '{args.dataset}' at {url} ({auth})")
-        print(f"  discovery: {url}/repertoire/discovery   stop with Ctrl-C", flush=True)
-
-    try:
-        run_server(repo, settings, host=args.host, port=args.port, ready=ready)
-    except KeyboardInterrupt:
-        print("harvester serve: stopped", file=sys.stderr)
-    except OSError as exc:
-        print(f"harvester: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 

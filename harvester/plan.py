@@ -10,34 +10,52 @@ what lies beyond every patch (past the tract's border) has no data.
 Work is cut into :class:`BatchSpec` units: one home (tract, patch), one cutout
 size, up to ``batch_size`` targets, sorted by row so reads walk the file forwards.
 
+The quote's time estimate is measured, never a constant (see :meth:`Plan.quote`):
+from the rate of earlier runs in the output folder's ledger when it has any, else
+from a short probe read of some of the plan's own boxes from one repository file.
+
 Dependency rule: depends on skymap, targets and repo; never on sources or sinks.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .repo import Repository
+from .repo import DatasetRef, Repository
 from .skymap import SkyMap
 from .targets import Targets
 
-__all__ = ["BatchSpec", "Piece", "Plan", "Quote", "make_plan", "split_box"]
+__all__ = [
+    "BatchSpec",
+    "Piece",
+    "Plan",
+    "Quote",
+    "Rate",
+    "ledger_rate",
+    "make_plan",
+    "probe_rate",
+    "split_box",
+]
 
 IntArray = npt.NDArray[np.int64]
 
 _CHUNK = 1 << 17
 
-#: Cutouts per second the local source sustains for small cutouts on this kind of
-#: machine (benchmarks/README figures); used only for the quote's time estimate.
-LOCAL_CUTOUTS_PER_SECOND = 20_000.0
-#: Bytes per second of pixel reads, for larger cutouts.
-LOCAL_BYTES_PER_SECOND = 1.5e9
+#: The probe of :func:`probe_rate` reads at most this many boxes ...
+PROBE_BOXES = 32
+#: ... and stops reading after this many seconds (at least one box is read).
+PROBE_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,8 +83,20 @@ class BatchSpec:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """A measured harvest rate, and what it was measured on (for people to read)."""
+
+    targets_per_second: float
+    basis: str
+
+
+@dataclass(frozen=True)
 class Quote:
-    """What a plan will do, before any pixel is read."""
+    """What a plan will do, before any pixel is read.
+
+    ``rate`` is the measurement the time estimate comes from (None: nothing to
+    measure); ``estimated_seconds`` is ``targets / rate.targets_per_second``.
+    """
 
     targets: int
     bands: tuple[str, ...]
@@ -77,20 +107,28 @@ class Quote:
     crossing: int
     no_coverage: int
     partial: int
-    estimated_seconds: float
+    estimated_seconds: float | None
+    rate: Rate | None = None
+    #: Why there is no estimate, when ``rate`` is None.
+    no_rate: str = ""
 
     def lines(self) -> list[str]:
+        if self.estimated_seconds is None:
+            estimate = f"unknown ({self.no_rate or 'nothing measured'})"
+        else:
+            basis = self.no_rate if self.rate is None else self.rate.basis
+            estimate = f"{self.estimated_seconds:.1f} s ({basis})"
         return [
             f"targets            {self.targets}",
             f"bands              {''.join(self.bands)}",
             f"images to open     {self.images} (deep_coadd files)",
             f"images missing     {self.images_missing} (needed but not in the repository)",
-            f"cutouts            {self.cutouts} (targets x bands)",
+            f"cutouts            {self.cutouts} (targets x the bands each asks for)",
             f"bytes to read      {_human(self.bytes_to_read)}",
             f"boxes over an edge {self.crossing} (completed from neighbouring patches)",
             f"partial coverage   {self.partial} targets",
             f"no coverage        {self.no_coverage} targets",
-            f"estimated time     {self.estimated_seconds:.1f} s (local source)",
+            f"estimated time     {estimate}",
         ]
 
 
@@ -100,6 +138,19 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     raise AssertionError  # pragma: no cover
+
+
+def _probe_image(plan: Plan) -> tuple[DatasetRef, IntArray] | None:
+    """A local file of the plan, and the targets inside its home patch (for the probe)."""
+    simple = np.flatnonzero(~plan.crossing)
+    for i in simple[: 16 * PROBE_BOXES].tolist():
+        tract, patch = int(plan.tract[i]), int(plan.patch[i])
+        for band in plan.bands:
+            ref = plan.repo.get(tract, patch, band)
+            if ref is not None and plan.repo.path_of(ref).is_file():
+                mine = (plan.tract[simple] == tract) & (plan.patch[simple] == patch)
+                return ref, simple[mine][:PROBE_BOXES]
+    return None
 
 
 @dataclass
@@ -193,47 +244,190 @@ class Plan:
                     total += area
         return total / (int(self.side[i]) ** 2 * max(self.bands_of(i), 1))
 
-    def quote(self) -> Quote:
-        """Images, bytes and time a harvest of this plan needs, without reading pixels."""
+    def quote(self, ledger: str | os.PathLike[str] | None = None, *, probe: bool = True) -> Quote:
+        """Images, bytes and time a harvest of this plan needs, without harvesting.
+
+        Images are the (tract, patch, band) files the boxes touch for the bands each
+        target asks for (a box over its home patch's edge touches the neighbours it
+        is completed from); bytes are the pixels read from the images present (all
+        planes, 4 bytes each).
+
+        The time estimate is ``targets / rate``, the rate measured, and the quote
+        says how (:attr:`Quote.rate`):
+
+        1. from the earlier runs in ``ledger`` (``<output>/ledger.sqlite``), when it
+           exists and has finished runs of the same bands and planes that harvested
+           something: their targets over their seconds (:func:`ledger_rate`), a
+           whole-run rate (reads, writes, the end of the run);
+        2. otherwise, with ``probe``, from reading some of this plan's own boxes out
+           of one local repository file through a memory map (:func:`probe_rate`):
+           at most :data:`PROBE_BOXES` boxes, :data:`PROBE_SECONDS`; this counts
+           the reads only, so a run that writes outputs takes longer;
+        3. otherwise (a remote repository, no ledger) there is no estimate.
+        """
         n = len(self)
+        npatch = self.skymap.num_patches**2
+        counts = (
+            np.full(n, len(self.bands), dtype=np.int64)
+            if self.wanted is None
+            else self.wanted.sum(axis=1).astype(np.int64)
+        )
         images: set[tuple[int, int, str]] = set()
-        partial = no_cov = 0
-        simple = ~self.crossing
-        for tract, patch in set(
-            zip(self.tract[simple].tolist(), self.patch[simple].tolist(), strict=True)
-        ):
-            images |= {(tract, patch, b) for b in self.bands}
-        for i in np.flatnonzero(self.crossing):
-            images |= {
-                (int(self.tract[i]), p.patch, b) for p in self.pieces(int(i)) for b in self.bands
-            }
+        simple = np.flatnonzero(~self.crossing)
+        home = self.tract * npatch + self.patch
+        for b, band in enumerate(self.bands):
+            keys = np.unique(home[simple[self.wants(simple, b)]])
+            images |= {(int(k) // npatch, int(k) % npatch, band) for k in keys.tolist()}
+        crossing = np.flatnonzero(self.crossing)
+        for i in crossing.tolist():
+            tract = int(self.tract[i])
+            for piece in self.pieces(i):
+                images |= {
+                    (tract, piece.patch, band)
+                    for b, band in enumerate(self.bands)
+                    if self.wanted is None or self.wanted[i, b]
+                }
         missing = {k for k in images if self.repo.get(*k) is None}
-        if missing or self.crossing.any():
-            # Only targets that touch a missing image or cross an edge can lack pixels.
-            for k in range(n):
-                if not self.crossing[k] and not any(
-                    (int(self.tract[k]), int(self.patch[k]), b) in missing for b in self.bands
-                ):
-                    continue
-                c = self.coverage(k)
-                no_cov += c == 0.0
-                partial += 0.0 < c < 1.0
-        bytes_per_px = 4 * len(self.planes)
-        nbytes = int(np.sum(self.side.astype(np.float64) ** 2)) * bytes_per_px * len(self.bands)
-        cutouts = n * len(self.bands)
-        seconds = max(cutouts / LOCAL_CUTOUTS_PER_SECOND, nbytes / LOCAL_BYTES_PER_SECOND)
+        # Only targets over an edge or at home on a missing image can lack pixels.
+        special = self.crossing.copy()
+        for b, band in enumerate(self.bands):
+            gone = [t * npatch + p for t, p, m in missing if m == band]
+            if gone:
+                special |= np.isin(home, gone) & self.wants(np.arange(n), b)
+        area = self.side.astype(np.float64) ** 2
+        pixels = float(np.sum(area * counts))
+        partial = no_cov = 0
+        for k in np.flatnonzero(special).tolist():
+            c = self.coverage(k)
+            no_cov += c == 0.0
+            partial += 0.0 < c < 1.0
+            pixels -= (1.0 - c) * area[k] * max(int(counts[k]), 1)
+        nbytes = round(pixels) * 4 * len(self.planes)
+        rate = ledger_rate(ledger, self.bands, self.planes) if ledger is not None and n else None
+        no_rate = "" if rate is not None else _no_rate(ledger)
+        if rate is None and probe and n:
+            rate = probe_rate(self)
+            if rate is None:
+                no_rate += "; no local repository file to probe"
+        seconds = None if rate is None else n / rate.targets_per_second
+        if n == 0:
+            seconds, no_rate = 0.0, "no targets"
         return Quote(
             targets=n,
             bands=self.bands,
             images=len(images) - len(missing),
             images_missing=len(missing),
-            cutouts=cutouts,
-            bytes_to_read=nbytes,
+            cutouts=int(counts.sum()),
+            bytes_to_read=int(nbytes),
             crossing=int(self.crossing.sum()),
             no_coverage=int(no_cov),
             partial=int(partial),
             estimated_seconds=seconds,
+            rate=rate,
+            no_rate=no_rate.lstrip("; "),
         )
+
+
+def _no_rate(ledger: str | os.PathLike[str] | None) -> str:
+    return "no ledger" if ledger is None else f"no finished earlier run like it in {ledger}"
+
+
+def ledger_rate(
+    path: str | os.PathLike[str], bands: tuple[str, ...], planes: tuple[str, ...]
+) -> Rate | None:
+    """The harvest rate of the earlier runs recorded in a ledger, or None.
+
+    Read-only (SQLite ``mode=ro``; the ledger is never changed). A run counts when
+    it finished (its ``runs.summary`` has ``seconds``), its settings have these
+    ``bands`` and ``planes``, and it harvested something: its targets are the
+    ``results`` rows of its batches, but for the batch of invalid rows (which has
+    no tract). The rate is the runs' targets over their seconds, summed. None when
+    no run counts or the file is missing or not a ledger.
+    """
+    where = Path(path)
+    if not where.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{where.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        runs = db.execute(
+            "SELECT run, settings, summary FROM runs WHERE summary IS NOT NULL"
+        ).fetchall()
+        done = dict(
+            db.execute(
+                "SELECT b.run, count(*) FROM results AS r JOIN batches AS b "
+                "ON b.batch = r.batch WHERE b.tract IS NOT NULL GROUP BY b.run"
+            ).fetchall()
+        )
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    targets = seconds = 0.0
+    used = 0
+    for run, settings, summary in runs:
+        try:
+            shape = json.loads(settings or "{}")
+            took = float(json.loads(summary).get("seconds", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        same = shape.get("bands") == list(bands) and shape.get("planes") == list(planes)
+        if same and done.get(run, 0) > 0 and took > 0:
+            targets += done[run]
+            seconds += took
+            used += 1
+    if not used:
+        return None
+    rate = targets / seconds
+    runs_text = f"{used} earlier run{'s' if used != 1 else ''}"
+    return Rate(rate, f"from {runs_text} in {path}: {rate:,.0f} targets/s")
+
+
+def probe_rate(plan: Plan) -> Rate | None:
+    """The rate of reading some of ``plan``'s own boxes from one local file, or None.
+
+    The file is the home image of the first target inside its home patch whose
+    image is a local file (for the first such band); up to :data:`PROBE_BOXES` of
+    that image's boxes are read, every plane of the plan, through a memory map
+    (tile-compressed files through astropy's ``section``, decoding only the tiles
+    touched), for at most :data:`PROBE_SECONDS`. Targets per second is boxes read
+    over seconds, divided by the number of bands (a target is one box per band).
+    Reads only: writing the outputs is not measured. None when no image of the
+    plan is a local file (a remote repository).
+    """
+    from astropy.io import fits
+
+    found = _probe_image(plan)
+    if found is None:
+        return None
+    ref, mine = found
+    path = plan.repo.path_of(ref)
+    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        header = hdul["IMAGE"].header
+        x0, y0 = -round(header.get("LTV1", 0)), -round(header.get("LTV2", 0))
+        planes = [hdul[plane.upper()] for plane in plan.planes]
+        arrays = [h.section if isinstance(h, fits.CompImageHDU) else h.data for h in planes]
+        boxes = 0
+        t0 = time.perf_counter()
+        for k in mine.tolist():
+            s = int(plan.side[k])
+            x, y = int(plan.x0[k]) - x0, int(plan.y0[k]) - y0
+            for data in arrays:
+                box = np.asarray(data[y : y + s, x : x + s])
+                box.astype(box.dtype.newbyteorder("="))  # a copy, native, as a batch holds it
+            boxes += 1
+            if time.perf_counter() - t0 > PROBE_SECONDS:
+                break
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+    side = int(plan.side[mine[0]])
+    rate = boxes / elapsed / len(plan.bands)
+    return Rate(
+        rate,
+        f"from a probe read of {boxes} box{'es' if boxes != 1 else ''} of {side} px "
+        f"({', '.join(plan.planes)}) from {path.name}: {rate:,.0f} targets/s, reads only",
+    )
 
 
 def make_plan(
@@ -299,11 +493,14 @@ def _wanted(targets: Targets, bands: tuple[str, ...]) -> npt.NDArray[np.bool_] |
 def split_box(skymap: SkyMap, home: int, x0: int, y0: int, side: int) -> list[Piece]:
     """Split a box into rectangles, each served by one patch of the tract.
 
-    Pixels inside the home patch's outer box come from the home patch (so a box
-    inside it is one piece); others from the patch whose inner box holds them (the
-    edge patches' outer boxes also serve the border beyond the tract). Pixels past
-    that have no data and belong to no piece. Patch boxes form a product grid, so
-    each axis splits on its own and the pieces are the products of the intervals.
+    Patch boxes form a product grid, so each axis splits on its own and the pieces
+    are the products of the intervals. Along an axis, a coordinate inside the home
+    patch's outer range is served by the home patch's index (so a box inside the
+    home outer box is one piece), any other by the index whose inner range holds
+    it (the edge patches' outer ranges also serve the border beyond the tract);
+    past that border there is no data. So a pixel beside the home patch, within
+    its border on one axis, comes from the neighbour in the other axis only (whose
+    outer box holds it), not from the diagonal patch whose inner box does.
     """
     hx, hy = skymap.patch_index(home)
     xs = _axis_intervals(x0, x0 + side, hx, skymap)

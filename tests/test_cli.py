@@ -1,4 +1,5 @@
-"""The `harvester` command as a user runs it: real subprocesses, real files."""
+"""The `harvester` command: ``harvester.cli.main`` called in-process with real files,
+and one subprocess smoke test of ``python -m harvester``."""
 
 from __future__ import annotations
 
@@ -13,16 +14,26 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from harvester.cli import main
+from harvester.repo import Repository
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "harvester", *args], capture_output=True, text=True, cwd=ROOT
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
-    return proc
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Exit code, standard output and standard error of ``harvester ARGS``."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    return out
 
 
 def _independent_pixel(
@@ -38,9 +49,18 @@ def _independent_pixel(
     return float(x), float(y)
 
 
-def test_locate_reference_point_json() -> None:
+def test_module_entry_point_smoke() -> None:
+    """The one subprocess: `python -m harvester` starts and answers."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "harvester", "--version"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("harvester ")
+
+
+def test_locate_reference_point_json(capsys: pytest.CaptureFixture[str]) -> None:
     out = json.loads(
-        run("locate", "53.318792", "-27.844306", "--size", "60arcsec", "--json").stdout
+        ok(capsys, "locate", "53.318792", "-27.844306", "--size", "60arcsec", "--json")
     )
     assert (out["tract"], out["patch"], out["patch_x"], out["patch_y"]) == (5063, 33, 3, 3)
     # Tract 5063 = ring 41, tract 32 of 217: centre RA 360*32/217, Dec -90 + 42*180/121.
@@ -65,16 +85,17 @@ def test_locate_reference_point_json() -> None:
     } <= set(out)
 
 
-def test_locate_text_and_pixel_size() -> None:
-    text = run("locate", "53.318792", "-27.844306", "--size", "50").stdout
+def test_locate_text_and_pixel_size(capsys: pytest.CaptureFixture[str]) -> None:
+    text = ok(capsys, "locate", "53.318792", "-27.844306", "--size", "50")
     assert "tract        5063" in text
     assert "[8800, 12200)" in text
     assert "size 50 x 50 px" in text
 
 
-def test_locate_targets_file() -> None:
-    proc = run("locate", "--targets", "configs/ecdfs_agn.csv", "--size", "1arcmin", "--json")
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+def test_locate_targets_file(capsys: pytest.CaptureFixture[str]) -> None:
+    targets = str(ROOT / "configs" / "ecdfs_agn.csv")
+    out = ok(capsys, "locate", "--targets", targets, "--size", "1arcmin", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 27
     assert rows[0]["id"] == "3"
     assert all(r["tract"] == 5063 and r["width"] == 300 for r in rows)
@@ -92,23 +113,36 @@ def test_locate_targets_file() -> None:
         (("10", "10", "--size", "5kg"), "kg"),
     ],
 )
-def test_locate_bad_input(args: tuple[str, ...], needle: str) -> None:
-    proc = run("locate", *args, check=False)
-    assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_locate_bad_input(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], needle: str
+) -> None:
+    code, _, err = cli(capsys, "locate", *args)
+    assert code == 1
+    assert err.startswith("harvester: error: ") and needle in err
+    assert "Traceback" not in err
 
 
-def test_locate_wraps_ra() -> None:
-    a = json.loads(run("locate", "370", "-27.8", "--json").stdout)
-    b = json.loads(run("locate", "10", "-27.8", "--json").stdout)
+def test_locate_wraps_ra(capsys: pytest.CaptureFixture[str]) -> None:
+    a = json.loads(ok(capsys, "locate", "370", "-27.8", "--json"))
+    b = json.loads(ok(capsys, "locate", "10", "-27.8", "--json"))
     assert a["tract"] == b["tract"] and a["x"] == pytest.approx(b["x"], abs=1e-9)
 
 
-def test_synth_one_patch_full_geometry(tmp_path: Path) -> None:
+def test_synth_one_patch_full_geometry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One real-size lsst_cells_v1 patch, compressed: the reference patch's WCS."""
     root = tmp_path / "repo"
-    run("synth", str(root), "--patch", "5063,33", "--bands", "z", "--compress", "--jobs", "1")
+    ok(
+        capsys,
+        "synth",
+        str(root),
+        "--patch",
+        "5063,33",
+        "--bands",
+        "z",
+        "--compress",
+        "--jobs",
+        "1",
+    )
     files = list(root.rglob("*.fits"))
     assert len(files) == 1
     with fits.open(files[0]) as hdul:
@@ -128,12 +162,92 @@ def test_synth_one_patch_full_geometry(tmp_path: Path) -> None:
     assert [(d["tract"], d["patch"], d["band"]) for d in index["datasets"]] == [(5063, 33, "z")]
 
 
-def test_synth_bad_patch(tmp_path: Path) -> None:
-    proc = run("synth", str(tmp_path), "--patch", "5063,100", check=False)
-    assert proc.returncode != 0 and "5063,100" in proc.stderr
+def test_synth_bad_patch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "synth", str(tmp_path), "--patch", "5063,100")
+    assert code == 1 and "5063,100" in err and "Traceback" not in err
 
 
-def test_help_lists_commands() -> None:
-    out = run("--help").stdout
-    for cmd in ("locate", "synth", "demo"):
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    for cmd in ("locate", "synth", "plan", "run", "demo", "serve"):
         assert cmd in out
+
+
+# ---- run and plan: bad input is one line naming what was wrong -----------------------
+
+
+def _run_args(repo: Repository, *extra: str) -> list[str]:
+    return ["run", "--repo", str(repo.root), "--targets", "random:5", "-q", *extra]
+
+
+def test_run_output_is_a_file(
+    tmp_path: Path, tiny_repo: Repository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "results.txt"
+    afile.write_text("not a folder\n")
+    code, _, err = cli(capsys, *_run_args(tiny_repo, "--output", str(afile)))
+    assert code == 1
+    assert err == f"harvester: error: --output {afile}: exists and is not a folder\n"
+    # A folder under a file cannot be made either; the file is named.
+    code, _, err = cli(capsys, *_run_args(tiny_repo, "--output", str(afile / "sub")))
+    assert code == 1 and f"'{afile}' exists and is not a folder" in err
+    assert afile.read_text() == "not a folder\n"
+
+
+def test_run_output_is_a_file_in_toml(
+    tmp_path: Path, tiny_repo: Repository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "results.txt"
+    afile.write_text("x")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[run]\nrepo = "{tiny_repo.root}"\ntargets = "random:5"\noutput = "{afile}"\n')
+    code, _, err = cli(capsys, "run", str(cfg), "-q")
+    assert code == 1
+    assert err == (
+        f"harvester: error: {cfg}: bad value for run.output: '{afile}' "
+        "(exists and is not a folder)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--bands", "q"), "--bands q: wanted distinct bands of u, g, r, i, z, y"),
+        (("--bands", "g,g"), "--bands g,g: wanted distinct bands"),
+        (("--size", "5kg"), "--size 5kg: wanted a side: pixels"),
+        (("--planes", "mask"), "--planes mask: wanted distinct planes of image, mask, variance"),
+        (("--formats", "png"), "--formats png: wanted any of fits, stack, grid"),
+        (("--concurrency", "0"), "--concurrency 0: wanted an integer from 1 to 256"),
+        (("--rate", "-1"), "--rate -1: wanted a number >= 0"),
+        (("--batch-size", "0"), "--batch-size 0: wanted an integer from 1 to 100000"),
+        (("--service-url", "ftp://x"), "--service-url ftp://x: wanted an http:// or https://"),
+        (("--targets", ""), "--targets '': wanted a target file path or 'random:N'"),
+        (("--token", " "), "--token: wanted a non-empty string"),
+    ],
+)
+def test_run_bad_flag_names_the_flag(
+    tmp_path: Path,
+    tiny_repo: Repository,
+    capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...],
+    message: str,
+) -> None:
+    code, out, err = cli(capsys, *_run_args(tiny_repo, "--output", str(tmp_path), *flags))
+    assert code == 1
+    assert err.startswith(f"harvester: error: {message}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err and "defaults" not in err
+    assert out == ""
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_flag_clashing_with_a_config_key(
+    tmp_path: Path, tiny_repo: Repository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A good flag value that breaks another key names the flag, then the key."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[run]\nbands = ["g", "z"]\n[grid]\nrgb = ["z", "z", "g"]\n')
+    code, _, err = cli(capsys, "plan", str(cfg), "--repo", str(tiny_repo.root), "--bands", "z")
+    assert code == 1
+    assert err.startswith("harvester: error: --bands z: bad value for grid.rgb: ('z', 'z', 'g')")
+    assert "Traceback" not in err

@@ -21,6 +21,7 @@ def test_all_members_exist_and_are_documented() -> None:
         "plan",
         "progress",
         "repo",
+        "report",
         "sinks",
         "skymap",
         "sources",

@@ -7,6 +7,7 @@ Every expectation comes from astropy reading the same files (offsets from
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,13 +15,14 @@ from astropy.io import fits
 
 from harvester._fits import BLOCK
 from harvester.repo import Repository
-from harvester.sources._fits_header import hdu_info, origin, padded, parse_header
+from harvester.sources._fits_header import HduInfo, hdu_info, origin, padded, parse_header
 from harvester.sources._fits_layout import PlaneLayout, TiledLayout, layout_of
 from harvester.sources.fits_ranges import ByteStore, coalesce, plan_reads
 
 
-def _walk(data: bytes) -> list:
-    hdus, pos = [], 0
+def _walk(data: bytes) -> list[HduInfo]:
+    hdus: list[HduInfo] = []
+    pos = 0
     while pos < len(data):
         parsed = parse_header(data, pos)
         assert parsed is not None
@@ -66,7 +68,9 @@ def test_header_values_and_incomplete_buffers() -> None:
     h["NEG"] = -7
     h["HIERARCH LSST BUTLER ID"] = "abc"
     raw = h.tostring().encode()
-    cards, length = parse_header(raw)  # type: ignore[misc]
+    parsed = parse_header(raw)
+    assert parsed is not None
+    cards, length = parsed
     assert length == BLOCK
     assert cards["SIMPLE"] is True and cards["NAXIS"] == 0 and cards["NEG"] == -7
     assert cards["STR"] == h["STR"]
@@ -201,7 +205,12 @@ def test_max_overread_prefers_lean_multirange_plans() -> None:
     starts = np.arange(0, 13_600 * 2000, 13_600, dtype=np.int64) + 2880
     stops = starts + 200
     spans = (starts[:1], stops[-1:])
-    args = {"file_size": None, "request_cost": 10**7, "max_ranges": 200, "part_cost": 96}
+    args: dict[str, Any] = {
+        "file_size": None,
+        "request_cost": 10**7,
+        "max_ranges": 200,
+        "part_cost": 96,
+    }
     free = plan_reads(spans, (starts, stops), **args)
     assert [len(r) for r in free.requests] == [1]
     lean = plan_reads(spans, (starts, stops), max_overread=1.5, **args)

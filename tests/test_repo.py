@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +21,8 @@ def repo_copy(tmp_path: Path, tiny_repo: Repository) -> Path:
     return root
 
 
-def _edit(root: Path, fn) -> None:  # type: ignore[no-untyped-def]
+def _edit(root: Path, fn: Callable[[Any], object]) -> None:
+    """Rewrite index.json through ``fn`` (the parsed JSON is untyped: Any)."""
     doc = json.loads((root / "index.json").read_text())
     fn(doc)
     (root / "index.json").write_text(json.dumps(doc))

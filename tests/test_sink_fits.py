@@ -7,8 +7,10 @@ import threading
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
@@ -139,8 +141,8 @@ def test_files_roundtrip(sink: FitsSink, tmp_path: Path, bands: tuple[str, ...],
             hdul.verify("exception")
             names = [h.name for h in hdul]
             expected = ["PRIMARY"]
-            for b in bands:
-                sfx = f"_{b}" if multi else ""
+            for name in bands:
+                sfx = f"_{name}" if multi else ""
                 expected += [f"IMAGE{sfx}", f"MASK{sfx}", f"VARIANCE{sfx}"]
             assert names == expected
             prim = hdul[0].header
@@ -163,10 +165,11 @@ def test_files_roundtrip(sink: FitsSink, tmp_path: Path, bands: tuple[str, ...],
                 assert prim[f"HIERARCH SOURCE {band.upper()} ID"] == batch.dataset_ids[i, b]
                 assert prim[f"HIERARCH SOURCE {band.upper()} FILE"] == batch.files[i, b]
                 sfx = f"_{band}" if multi else ""
-                planes = {
+                assert batch.mask is not None and batch.variance is not None
+                planes: dict[str, npt.NDArray[Any]] = {
                     "IMAGE": batch.image[i, b],
-                    "MASK": batch.mask[i, b],  # type: ignore[index]
-                    "VARIANCE": batch.variance[i, b],  # type: ignore[index]
+                    "MASK": batch.mask[i, b],
+                    "VARIANCE": batch.variance[i, b],
                 }
                 for kind, want in planes.items():
                     hdu = hdul[kind + sfx]
@@ -239,7 +242,7 @@ def test_write_validates_and_needs_open(tmp_path: Path) -> None:
     s.open()
     assert (tmp_path / "fits").is_dir()
     bad = make_batch(1, size=7)
-    bad.image = bad.image.astype(np.float64)  # type: ignore[assignment]
+    bad.image = bad.image.astype(np.float64)
     with pytest.raises(ValueError, match="float32"):
         s.write(bad)
     empty = make_batch(1, size=7)
@@ -337,7 +340,7 @@ def test_failed_replace_leaves_nothing(
         assert os.path.getsize(src) > 0  # the data went to the temporary file
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(fits_sink.os, "replace", boom)
+    monkeypatch.setattr("harvester.sinks.fits.os.replace", boom)
     with pytest.raises(OSError, match="disk on fire"):
         sink.write(make_batch(3, ("g",), 7))
     assert os.listdir(tmp_path / "fits") == []
@@ -355,12 +358,14 @@ def test_failed_write_midway_leaves_nothing(
             raise OSError("ENOSPC")
         return real_write(fd, data[:1000])  # short writes are resumed
 
-    monkeypatch.setattr(fits_sink.os, "write", flaky)
+    monkeypatch.setattr("harvester.sinks.fits.os.write", flaky)
     with pytest.raises(OSError, match="ENOSPC"):
         sink.write(make_batch(2, ("g",), 7, ids=["a", "b"]))
     assert os.listdir(tmp_path / "fits") == []
     # Short writes alone still give complete files.
-    monkeypatch.setattr(fits_sink.os, "write", lambda fd, data: real_write(fd, data[:1000]))
+    monkeypatch.setattr(
+        "harvester.sinks.fits.os.write", lambda fd, data: real_write(fd, data[:1000])
+    )
     paths = sink.write(make_batch(2, ("g",), 7, ids=["a", "b"]))
     with fits.open(tmp_path / paths[1]) as hdul:
         hdul.verify("exception")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from harvester.cutout import CutoutBatch
@@ -20,7 +21,11 @@ def _ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{k}" for k in range(n)]
 
 
-def _by_id(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.void]]:
+F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
+
+
+def _by_id(path: Path) -> dict[str, tuple[F32, F32, I32, np.void]]:
     """stack.h5 read back through h5py, keyed by id: image, variance, mask, table row."""
     with h5py.File(path) as f:
         table = f["table"][...]
@@ -30,12 +35,13 @@ def _by_id(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np
     }
 
 
-def _expect(batches: list[CutoutBatch]) -> dict[str, tuple[np.ndarray, ...]]:
-    return {
-        str(tid): (b.image[k], b.variance[k], b.mask[k], b.x0[k])
-        for b in batches
-        for k, tid in enumerate(b.ids)
-    }
+def _expect(batches: list[CutoutBatch]) -> dict[str, tuple[F32, F32, I32, int]]:
+    out: dict[str, tuple[F32, F32, I32, int]] = {}
+    for b in batches:
+        assert b.variance is not None and b.mask is not None
+        for k, tid in enumerate(b.ids):
+            out[str(tid)] = (b.image[k], b.variance[k], b.mask[k], int(b.x0[k]))
+    return out
 
 
 def _assert_stack_is(path: Path, batches: list[CutoutBatch]) -> None:

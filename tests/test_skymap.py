@@ -11,8 +11,11 @@ sphere and projection work; it shares no code with the module under test.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from astropy import units as u
 from astropy.coordinates import SkyCoord
@@ -206,10 +209,15 @@ class _Ref:
 REF = _Ref()
 SKYMAP = SkyMap()
 
-CUSTOM_KW = {"num_rings": 120, "pixel_scale_arcsec": 20.0, "patch_inner": 100, "patch_border": 20}
+CUSTOM_KW: dict[str, Any] = {
+    "num_rings": 120,
+    "pixel_scale_arcsec": 20.0,
+    "patch_inner": 100,
+    "patch_border": 20,
+}
 CUSTOM_REF = _Ref(num_rings=120, pixel_scale_arcsec=20.0, patch_inner=100, patch_border=20)
 # A second, odder geometry: fewer rings, a non-zero RA start, larger overlap.
-ODD_KW = {
+ODD_KW: dict[str, Any] = {
     "num_rings": 31,
     "pixel_scale_arcsec": 30.0,
     "tract_overlap_deg": 0.5,
@@ -230,7 +238,7 @@ REF_RA, REF_DEC = 53.318792, -27.844306
 HALF_RING_DEG = 90.0 / 121.0  # Δ/2 in degrees
 
 
-def _sphere(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _sphere(n: int, seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Uniform random positions on the sphere, plus a share near the poles."""
     rng = np.random.default_rng(seed)
     ra = rng.uniform(0.0, 360.0, n)
@@ -241,16 +249,19 @@ def _sphere(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return ra, dec
 
 
-def _separation_deg(ra1, dec1, ra2, dec2):
+def _separation_deg(
+    ra1: npt.ArrayLike, dec1: npt.ArrayLike, ra2: npt.ArrayLike, dec2: npt.ArrayLike
+) -> npt.NDArray[np.float64]:
     """Angular separation (deg) via unit-vector chords; accurate at tiny angles."""
     r1, d1, r2, d2 = (np.radians(np.asarray(v, dtype=float)) for v in (ra1, dec1, ra2, dec2))
     v1 = np.stack([np.cos(d1) * np.cos(r1), np.cos(d1) * np.sin(r1), np.sin(d1)])
     v2 = np.stack([np.cos(d2) * np.cos(r2), np.cos(d2) * np.sin(r2), np.sin(d2)])
     chord = np.linalg.norm(v1 - v2, axis=0)
-    return np.degrees(2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)))
+    sep: npt.NDArray[np.float64] = np.degrees(2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0)))
+    return sep
 
 
-def _assert_matches_ref(skymap: SkyMap, ref: _Ref, ra, dec) -> None:
+def _assert_matches_ref(skymap: SkyMap, ref: _Ref, ra: npt.ArrayLike, dec: npt.ArrayLike) -> None:
     ra = np.atleast_1d(np.asarray(ra, dtype=float))
     dec = np.atleast_1d(np.asarray(dec, dtype=float))
     got = skymap.locate(ra, dec)
@@ -273,7 +284,7 @@ def _assert_matches_ref(skymap: SkyMap, ref: _Ref, ra, dec) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_reference_implementation_reproduces_spec_numbers():
+def test_reference_implementation_reproduces_spec_numbers() -> None:
     assert REF.num_tracts == 18938
     assert REF.counts[:3] == [10, 16, 22]
     assert REF.counts[-3:] == [22, 16, 10]
@@ -291,7 +302,7 @@ def test_reference_implementation_reproduces_spec_numbers():
 # --------------------------------------------------------------------------------------
 
 
-def test_dp1_reference_point():
+def test_dp1_reference_point() -> None:
     p = SKYMAP.locate(REF_RA, REF_DEC)
     assert len(p) == 1
     assert int(p.tract[0]) == 5063
@@ -314,7 +325,7 @@ def test_dp1_reference_point():
 # --------------------------------------------------------------------------------------
 
 
-def test_tract_count_and_ring_counts():
+def test_tract_count_and_ring_counts() -> None:
     assert SKYMAP.num_tracts == 18938
     counts = [int(c) for c in SKYMAP.ring_counts]
     assert len(counts) == 120
@@ -327,7 +338,7 @@ def test_tract_count_and_ring_counts():
     assert sum(counts) + 2 == 18938
 
 
-def test_tract_id_order_and_reverse_mapping():
+def test_tract_id_order_and_reverse_mapping() -> None:
     assert SKYMAP.tract_ring(0) == (-1, 0)
     assert SKYMAP.tract_ring(1) == (0, 0)
     assert SKYMAP.tract_ring(10) == (0, 9)
@@ -341,7 +352,7 @@ def test_tract_id_order_and_reverse_mapping():
             SKYMAP.tract_ring(bad)
 
 
-def test_tract_centers():
+def test_tract_centers() -> None:
     assert SKYMAP.tract_center(0) == (0.0, -90.0)
     assert SKYMAP.tract_center(18937) == (0.0, 90.0)
     tracts = [*range(0, 40), *range(2000, 18938, 97), *range(18900, 18938)]
@@ -364,7 +375,7 @@ def test_tract_centers():
 
 
 @pytest.mark.parametrize("tract", [0, 1, 5063, 9400, 18936, 18937])
-def test_tract_wcs(tract):
+def test_tract_wcs(tract: int) -> None:
     w = SKYMAP.tract_wcs(tract)
     assert list(w.wcs.ctype) == ["RA---TAN", "DEC--TAN"]
     assert np.array_equal(w.wcs.crpix, [15000.0, 15000.0])
@@ -377,7 +388,7 @@ def test_tract_wcs(tract):
     assert y == pytest.approx(14999.0, abs=1e-6)
 
 
-def test_tract_wcs_orientation():
+def test_tract_wcs_orientation() -> None:
     # RA increases towards -x, Dec towards +y (section 3).
     ra0, dec0 = SKYMAP.tract_center(5063)
     w = SKYMAP.tract_wcs(5063)
@@ -386,13 +397,13 @@ def test_tract_wcs_orientation():
     assert y2 > 14999 + 100 and abs(x2 - 14999) < 1e-6
 
 
-def test_tract_geometry():
+def test_tract_geometry() -> None:
     assert SKYMAP.crpix0 == 14999.0
     assert SKYMAP.tract_dim == 30000
     assert SKYMAP.num_patches == 10
 
 
-def test_patch_boxes():
+def test_patch_boxes() -> None:
     inner = [SKYMAP.patch_inner_box(p) for p in range(100)]
     # The inner boxes tile [0, 30000)^2 exactly.
     area = sum(b.width * b.height for b in inner)
@@ -414,7 +425,7 @@ def test_patch_boxes():
             SKYMAP.patch_inner_box(bad)
 
 
-def test_patch_sky_polygon():
+def test_patch_sky_polygon() -> None:
     tract, patch = 5063, 33
     poly = SKYMAP.patch_sky_polygon(tract, patch)
     assert poly.shape == (4, 2)
@@ -431,7 +442,7 @@ def test_patch_sky_polygon():
 
 
 @pytest.mark.parametrize("dec", [-89.0, -60.0, -27.5206611570, 0.0, 0.5, 45.0, 89.0])
-def test_ra_wrap(dec):
+def test_ra_wrap(dec: float) -> None:
     a = SKYMAP.locate([359.9999, -0.0001, 0.0001, 360.0, 0.0, -360.0, 720.0], [dec] * 7)
     # 359.9999 and -0.0001 are the same position.
     assert a.tract[0] == a.tract[1]
@@ -453,7 +464,7 @@ def test_ra_wrap(dec):
     _assert_matches_ref(SKYMAP, REF, [359.9999, -0.0001, 0.0001, 360.0, 0.0], [dec] * 5)
 
 
-def test_ra_wrap_float_edge():
+def test_ra_wrap_float_edge() -> None:
     # A negative RA so small that it wraps to exactly 2 pi must land in tract 0 of
     # its ring, not past the end of the ring.
     p = SKYMAP.locate([-1e-20, 360.0 - 1e-13, 1e-20], [10.0, 10.0, 10.0])
@@ -462,7 +473,7 @@ def test_ra_wrap_float_edge():
 
 
 @pytest.mark.parametrize("ra", [0.0, 33.3, 123.456, 271.0, 359.999])
-def test_polar_caps(ra):
+def test_polar_caps(ra: float) -> None:
     south = SKYMAP.locate([ra, ra], [-89.9, -90.0])
     north = SKYMAP.locate([ra, ra], [89.9, 90.0])
     assert south.tract.tolist() == [0, 0]
@@ -475,7 +486,7 @@ def test_polar_caps(ra):
         assert int(p.patch[1]) == 44
 
 
-def test_cap_tract_orientation():
+def test_cap_tract_orientation() -> None:
     """Cap tracts are plain FITS TAN WCSs at CRVAL (0, ±90) (section 3).
 
     With no LONPOLE card, FITS paper II (and AST's FitsChan, used by afw
@@ -505,7 +516,7 @@ def test_cap_tract_orientation():
 
 
 @pytest.mark.parametrize("ra", [0.0, 17.9, 18.0, 18.1, 200.0, 359.99])
-def test_cap_boundaries(ra):
+def test_cap_boundaries(ra: float) -> None:
     edge = -90.0 + HALF_RING_DEG  # -89.2562 (section 2)
     eps = 1e-9
     s = SKYMAP.locate([ra, ra], [edge - eps, edge + eps])
@@ -526,7 +537,7 @@ def test_cap_boundaries(ra):
 # --------------------------------------------------------------------------------------
 
 
-def test_ring_boundaries():
+def test_ring_boundaries() -> None:
     eps = 1e-9
     ras, decs = [], []
     for k in range(121):  # boundary k: between ring k-1 (or cap) and ring k (or cap)
@@ -547,7 +558,7 @@ def test_ring_boundaries():
 
 
 @pytest.mark.parametrize("ring", [0, 1, 2, 20, 41, 59, 60, 100, 117, 118, 119])
-def test_tract_ra_boundaries(ring):
+def test_tract_ra_boundaries(ring: int) -> None:
     n = REF.counts[ring]
     dec_center = -90.0 + (ring + 1) * 180.0 / 121.0
     eps = 1e-9
@@ -567,7 +578,7 @@ def test_tract_ra_boundaries(ring):
     _assert_matches_ref(SKYMAP, REF, ras, decs)
 
 
-def test_midpoint_rounds_half_up():
+def test_midpoint_rounds_half_up() -> None:
     # Ring 0 has 10 tracts; RA 18 deg is exactly half way between tracts 0 and 1
     # (18/36 = 0.5 is exact in binary), so floor(0.5 + 0.5) picks tract 1.
     dec = -90.0 + 180.0 / 121.0
@@ -583,17 +594,17 @@ def test_midpoint_rounds_half_up():
 # --------------------------------------------------------------------------------------
 
 
-def test_random_positions_match_reference():
+def test_random_positions_match_reference() -> None:
     ra, dec = _sphere(3000, seed=20250820)
     _assert_matches_ref(SKYMAP, REF, ra, dec)
 
 
-def test_find_tract_matches_locate():
+def test_find_tract_matches_locate() -> None:
     ra, dec = _sphere(20000, seed=3)
     assert np.array_equal(SKYMAP.find_tract(ra, dec), SKYMAP.locate(ra, dec).tract)
 
 
-def test_sky_pixel_sky_round_trip():
+def test_sky_pixel_sky_round_trip() -> None:
     ra, dec = _sphere(20000, seed=11)
     p = SKYMAP.locate(ra, dec)
     x, y = SKYMAP.sky_to_pixel(p.tract, ra, dec)
@@ -604,7 +615,7 @@ def test_sky_pixel_sky_round_trip():
     assert sep.max() < 1e-9
 
 
-def test_pixels_agree_with_astropy_tract_wcs():
+def test_pixels_agree_with_astropy_tract_wcs() -> None:
     ra, dec = _sphere(400, seed=5)
     p = SKYMAP.locate(ra, dec)
     for i in range(ra.size):
@@ -620,7 +631,7 @@ def test_pixels_agree_with_astropy_tract_wcs():
             assert abs(x - xs[0]) < 1e-6 and abs(y - ys[0]) < 1e-6
 
 
-def test_pixel_to_sky_agrees_with_astropy():
+def test_pixel_to_sky_agrees_with_astropy() -> None:
     rng = np.random.default_rng(8)
     for tract in (0, 1, 5063, 9400, 18937):
         x = rng.uniform(-500.0, 30500.0, 50)
@@ -630,7 +641,7 @@ def test_pixel_to_sky_agrees_with_astropy():
         assert _separation_deg(ra, dec, exp[:, 0], exp[:, 1]).max() < 1e-9
 
 
-def test_center_pixel_in_patch_inner_box():
+def test_center_pixel_in_patch_inner_box() -> None:
     ra, dec = _sphere(100_000, seed=42)
     p = SKYMAP.locate(ra, dec)
     assert np.array_equal(p.center_x, np.floor(p.x + 0.5).astype(np.int64))
@@ -644,7 +655,7 @@ def test_center_pixel_in_patch_inner_box():
     assert np.all((p.tract >= 0) & (p.tract < 18938))
 
 
-def test_scalar_and_array_inputs():
+def test_scalar_and_array_inputs() -> None:
     p = SKYMAP.locate(REF_RA, REF_DEC)
     q = SKYMAP.locate([REF_RA, 10.0], [REF_DEC, 10.0])
     assert len(p) == 1 and len(q) == 2
@@ -671,7 +682,7 @@ def _overlap_positions() -> list[tuple[float, float]]:
     return pts
 
 
-def test_find_all_tracts_and_patches():
+def test_find_all_tracts_and_patches() -> None:
     multi = 0
     for ra, dec in _overlap_positions():
         home = SKYMAP.locate(ra, dec)
@@ -714,7 +725,7 @@ def _afw_pixel_scale_arcsec(w: WCS, x0: float, y0: float) -> float:
     return math.degrees(math.sqrt(area)) * 3600.0
 
 
-def test_effective_pixel_scale():
+def test_effective_pixel_scale() -> None:
     s = SKYMAP.effective_pixel_scale_arcsec
     assert 0.2 - 1e-9 < s < 0.2
     for tract in (0, 5063, 9400):
@@ -722,7 +733,7 @@ def test_effective_pixel_scale():
         assert abs(s - ref) < 1e-9
 
 
-def test_cutout_side():
+def test_cutout_side() -> None:
     assert SKYMAP.cutout_side(60, "arcsec") == 300
     assert SKYMAP.cutout_side(1, "arcmin") == 300
     assert SKYMAP.cutout_side(60.0, "arcsec") == 300
@@ -750,8 +761,8 @@ _BAD = [
 
 
 @pytest.mark.parametrize(("ra", "dec", "text"), _BAD)
-def test_bad_coordinates_raise(ra, dec, text):
-    calls = [
+def test_bad_coordinates_raise(ra: float, dec: float, text: str) -> None:
+    calls: list[Callable[[], object]] = [
         lambda: SKYMAP.locate(ra, dec),
         lambda: SKYMAP.locate([1.0, ra, 2.0], [1.0, dec, 2.0]),
         lambda: SKYMAP.find_tract(ra, dec),
@@ -765,7 +776,7 @@ def test_bad_coordinates_raise(ra, dec, text):
         assert text in str(exc.value)
 
 
-def test_dec_exactly_90_is_valid():
+def test_dec_exactly_90_is_valid() -> None:
     p = SKYMAP.locate([0.0, 0.0], [90.0, -90.0])
     assert p.tract.tolist() == [18937, 0]
 
@@ -774,14 +785,15 @@ def test_dec_exactly_90_is_valid():
     ("ra", "dec"),
     [("abc", 10.0), (10.0, "north"), (["1.0", "x"], [1.0, 2.0]), ({"a": 1}, 2.0)],
 )
-def test_non_numeric_raise(ra, dec):
+def test_non_numeric_raise(ra: Any, dec: Any) -> None:
+    # Any: the point is values of the wrong type (str, list of str, dict).
     with pytest.raises(ValueError):
         SKYMAP.locate(ra, dec)
     with pytest.raises(ValueError):
         SKYMAP.find_tract(ra, dec)
 
 
-def test_shape_mismatch_raises():
+def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         SKYMAP.locate([1.0, 2.0], [1.0, 2.0, 3.0])
 
@@ -792,7 +804,7 @@ def test_shape_mismatch_raises():
 
 
 @pytest.mark.parametrize(("kw", "ref"), [(CUSTOM_KW, CUSTOM_REF), (ODD_KW, ODD_REF)])
-def test_custom_geometry(kw, ref):
+def test_custom_geometry(kw: dict[str, Any], ref: _Ref) -> None:
     m = SkyMap(config=SkyMapConfig(**kw))
     assert [int(c) for c in m.ring_counts] == ref.counts
     assert m.num_tracts == ref.num_tracts
@@ -804,9 +816,9 @@ def test_custom_geometry(kw, ref):
     np.testing.assert_allclose(w.wcs.crval, ref.center_deg(3), rtol=0, atol=1e-10)
     for t in (0, 1, ref.num_tracts // 2, ref.num_tracts - 1):
         assert m.tract_ring(t) == ref.ring_of_id(t)
-        ra, dec = m.tract_center(t)
+        tra, tdec = m.tract_center(t)
         rra, rdec = ref.center_deg(t)
-        assert _separation_deg(ra, dec, rra, rdec) < 1e-10
+        assert _separation_deg(tra, tdec, rra, rdec) < 1e-10
     ra, dec = _sphere(1500, seed=99)
     _assert_matches_ref(m, ref, ra, dec)
     p = m.locate(ra, dec)
@@ -819,7 +831,7 @@ def test_custom_geometry(kw, ref):
     assert (b.x0, b.width) == (-ref.patch_border, size + 2 * ref.patch_border)
 
 
-def test_custom_geometry_values():
+def test_custom_geometry_values() -> None:
     # Worked by hand from section 4 for 20"/px and 100 px patches:
     # half = 13689.23 / 100 = 136.89 -> [-137, 137], 275 px, 3 patches, extra 25,
     # min -= 12 -> -149.

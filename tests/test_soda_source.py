@@ -146,6 +146,7 @@ async def test_polygon_corners_are_inset_box_corners(
         )
 
     items = [(100, 200, 30, 40), (-15, 7, 44, 44)]
+    # A stub, not a RemoteSession: box_polygons reads only session.repo.skymap.
     polygons = box_polygons(_Session(), tiny_tract, items)  # type: ignore[arg-type]
     for (y, x, h, w), text in zip(items, polygons, strict=True):
         v = np.array(text.split(), dtype=float).reshape(-1, 2)

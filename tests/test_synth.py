@@ -93,9 +93,11 @@ def test_neighbouring_patches_agree_in_overlap(tiny_repo: Repository, tiny_skyma
     x0, x1 = max(a.x0, b.x0), min(a.x1, b.x1)
     y0, y1 = max(a.y0, b.y0), min(a.y1, b.y1)
     assert x1 - x0 == 2 * TINY.patch_border
+    ref_a, ref_b = tiny_repo.get(tract, 5, "z"), tiny_repo.get(tract, 6, "z")
+    assert ref_a is not None and ref_b is not None
     for hdu in ("IMAGE", "MASK", "VARIANCE"):
-        da = fits.getdata(tiny_repo.path_of(tiny_repo.get(tract, 5, "z")), hdu)  # type: ignore[arg-type]
-        db = fits.getdata(tiny_repo.path_of(tiny_repo.get(tract, 6, "z")), hdu)  # type: ignore[arg-type]
+        da = fits.getdata(tiny_repo.path_of(ref_a), hdu)
+        db = fits.getdata(tiny_repo.path_of(ref_b), hdu)
         np.testing.assert_array_equal(
             da[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0],
             db[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0],

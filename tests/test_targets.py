@@ -262,7 +262,8 @@ def test_missing_ra_column(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 # (csv text, kwargs, bad row, bad column, value text in the message, id of the bad row)
-BAD_CASES = {
+BadCase = tuple[str, dict[str, Any], int, str, str | None, str]
+BAD_CASES: dict[str, BadCase] = {
     "ra-not-a-number": ("id,ra,dec\nA,10,1\nB,abc,2\nC,30,3\n", {}, 2, "ra", "abc", "B"),
     "ra-nan": ("id,ra,dec\nA,10,1\nB,nan,2\nC,30,3\n", {}, 2, "ra", "nan", "B"),
     "dec-inf": ("id,ra,dec\nA,10,1\nB,20,2\nC,30,inf\n", {}, 3, "dec", "inf", "C"),
@@ -461,6 +462,7 @@ def test_take_subset() -> None:
 
 def test_bad_on_error_value() -> None:
     with pytest.raises(ValueError, match="on_error"):
+        # The value is deliberately outside the Literal the signature allows.
         load_targets([{"ra": 1, "dec": 2}], on_error="ignore")  # type: ignore[arg-type]
 
 

@@ -7,23 +7,43 @@ per PNG. Pages are drawn with matplotlib's Agg canvas directly (no pyplot), so
 rendering keeps no global state and is safe in worker threads, and the image
 stack is read one page at a time so that an HDF5 dataset of any length can be
 drawn in bounded memory.
+
+The layout (stretch, stamps per page, columns, band or colour bands, how many
+stamps) is a :class:`~harvester.config.GridConfig`, checked once when it is built;
+:func:`write_grid_pages` only checks that the data fit it (shapes, band names).
+:func:`render_stack_grid` draws the pages of a harvest's ``stack.h5``.
+
+Page geometry, which the PNG sizes follow exactly: a stamp is ``STAMP_INCHES``
+square, stamps are ``GAP_INCHES`` apart, the page has a ``MARGIN_INCHES`` margin
+left, right and below, a ``HEADER_INCHES`` header band on top and
+``TITLE_LINE_INCHES`` per title line above each stamp (one line, two with
+``status``), at ``DPI``; so a page of ``c`` columns and ``r`` rows is
+``2 * MARGIN + c * STAMP + (c - 1) * GAP`` wide and
+``HEADER + r * (lines * TITLE_LINE + STAMP + GAP) + MARGIN - GAP`` high (inches,
+times ``DPI`` rounded: pixels). A page holds ``per_page`` stamps in
+``min(columns, stamps)`` columns and ``ceil(stamps / columns)`` rows, where
+``stamps`` is ``min(per_page, N)``; ``ceil(N / per_page)`` pages.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import secrets
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ImageStack", "page_size_px", "write_grid_pages"]
+from ..config import GridConfig
+
+__all__ = ["ImageStack", "page_size_px", "render_stack_grid", "write_grid_pages"]
 
 #: Resolution of the pages.
 DPI = 100
@@ -51,7 +71,6 @@ LUPTON_Q = 8.0
 LUPTON_RANGE = 4.0
 
 _Stretch = Literal["zscale", "asinh"]
-_STRETCHES: tuple[_Stretch, ...] = ("zscale", "asinh")
 
 
 class ImageStack(Protocol):
@@ -71,12 +90,13 @@ def write_grid_pages(
     images: ImageStack | npt.ArrayLike,
     bands: Sequence[str],
     out_dir: Path,
+    layout: GridConfig | None = None,
     *,
     band: str | None = None,
     rgb: tuple[str, str, str] | None = None,
-    stretch: _Stretch = "zscale",
-    per_page: int = 25,
-    columns: int = 5,
+    stretch: _Stretch | None = None,
+    per_page: int | None = None,
+    columns: int | None = None,
     title: str | None = None,
     prefix: str = "grid",
     status: Sequence[str] | None = None,
@@ -95,20 +115,17 @@ def write_grid_pages(
         Band of each plane of ``images``.
     out_dir : Path
         Directory of the pages; created if missing.
-    band : str, optional
-        Band shown in grey; default the last of ``bands``. Ignored with ``rgb``.
-    rgb : (str, str, str), optional
-        Bands shown as red, green and blue of a colour composite
-        (``astropy.visualization.make_lupton_rgb``, with the black level and
-        the stretch set per stamp), e.g. ``('i', 'r', 'g')``.
-    stretch : {'zscale', 'asinh'}
-        Grey scale of each stamp: linear between its zscale limits, or asinh
-        of the range between its 0.25 and 99.75 percentiles. Composites are
-        always asinh (Lupton).
-    per_page : int
-        Stamps per page, at least 1.
-    columns : int
-        Stamps per row, at least 1.
+    layout : GridConfig, optional
+        The layout (default ``GridConfig()``), checked when it was built: the
+        grey ``stretch`` (linear between each stamp's zscale limits, or asinh of
+        its 0.25 to 99.75 percentile range), ``per_page``, ``columns``, the
+        ``band`` shown in grey (default the last of ``bands``) or the ``rgb``
+        bands of a Lupton colour composite (``astropy.visualization.
+        make_lupton_rgb``, black level and stretch per stamp; always asinh), and
+        ``max_stamps``: only the first ``max_stamps`` ids get stamps.
+    band, rgb, stretch, per_page, columns : optional
+        Shorthands that replace those keys of ``layout`` (checked by
+        :class:`~harvester.config.GridConfig`).
     title : str, optional
         Page header, e.g. ``'ECDFS AGN, z band'``; the page number is
         appended. Default: the band (or bands) and the stretch.
@@ -125,8 +142,10 @@ def write_grid_pages(
     Raises
     ------
     ValueError
-        If an argument is out of range, a band is not in ``bands``, or the
-        shape of ``images`` does not match ``ids`` and ``bands``.
+        If the data do not fit the layout: a band not in ``bands``, the shape of
+        ``images`` not matching ``ids`` and ``bands``, ``status`` of another
+        length, a bad ``prefix``; or (:class:`~harvester.errors.ConfigError`, a
+        ValueError) a shorthand out of range.
 
     Notes
     -----
@@ -136,88 +155,157 @@ def write_grid_pages(
     are removed. Missing pixels are drawn dark red; a stamp without any data is
     left blank and labelled "no data".
     """
-    ids = [str(i) for i in ids]
-    bands = [str(b) for b in bands]
-    n = len(ids)
-    if isinstance(per_page, bool) or not isinstance(per_page, int) or per_page < 1:
-        raise ValueError(f"per_page must be an integer >= 1, got per_page={per_page!r}")
-    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
-        raise ValueError(f"columns must be an integer >= 1, got columns={columns!r}")
-    if stretch not in _STRETCHES:
-        raise ValueError(f"stretch must be one of {_STRETCHES}, got stretch={stretch!r}")
-    if not prefix or "/" in prefix or os.sep in prefix or prefix in (".", ".."):
-        raise ValueError(f"prefix must be a plain file name prefix, got prefix={prefix!r}")
-    if not bands:
-        raise ValueError("bands must name at least one band, got bands=[]")
-    if len(set(bands)) != len(bands):
-        raise ValueError(f"bands must be distinct, got bands={bands!r}")
-    if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
-        images = np.asarray(images)
-    stack: ImageStack = images  # type: ignore[assignment]
-    shape = tuple(int(s) for s in stack.shape)
-    if len(shape) != 4:
-        raise ValueError(f"images must have shape (N, B, H, W), got images.shape={shape}")
-    if shape[0] != n:
-        raise ValueError(f"images.shape[0] must equal len(ids)={n}, got images.shape={shape}")
-    if shape[1] != len(bands):
-        raise ValueError(
-            f"images.shape[1] must equal len(bands)={len(bands)} (bands={bands!r}), "
-            f"got images.shape={shape}"
-        )
-    statuses = None if status is None else [str(s) for s in status]
-    if statuses is not None and len(statuses) != n:
-        raise ValueError(f"status must have len(ids)={n} entries, got len(status)={len(statuses)}")
-
-    planes: list[int]
-    if rgb is not None:
-        if isinstance(rgb, str) or len(rgb) != 3:
-            raise ValueError(f"rgb must be three band names (red, green, blue), got rgb={rgb!r}")
-        for name in rgb:
-            if name not in bands:
-                raise ValueError(f"rgb band {name!r} is not in bands={bands!r} (rgb={rgb!r})")
-        planes = [bands.index(name) for name in rgb]
-        default_title = f"{'/'.join(rgb)} composite (asinh)"
-    else:
-        if band is None:
-            band = bands[-1]
-        elif band not in bands:
-            raise ValueError(f"band={band!r} is not in bands={bands!r}")
-        planes = [bands.index(band)]
-        default_title = f"{band} band ({stretch})"
-    header = default_title if title is None else title
-
+    given = dict(band=band, rgb=rgb, stretch=stretch, per_page=per_page, columns=columns)
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    layout = dataclasses.replace(layout or GridConfig(), **changes)
+    sheet = _Sheet.build(layout, ids, images, bands, title, prefix, status)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_pages = math.ceil(n / per_page)
-    on_page = min(per_page, n)
-    n_cols = max(1, min(columns, on_page))
-    n_rows = max(1, math.ceil(on_page / n_cols))
-    title_lines = 1 if statuses is None else 2
+    paths = [sheet.write(page, out_dir) for page in range(sheet.pages)]
+    _remove_stale(out_dir, prefix, sheet.pages)
+    return paths
 
-    paths: list[Path] = []
-    for page in range(n_pages):
-        a, b = page * per_page, min((page + 1) * per_page, n)
-        block = np.asarray(stack[a:b], dtype=np.float32)
-        path = out_dir / f"{prefix}-{page + 1:03d}.png"
-        fig = _draw_page(
-            block[:, planes],
-            ids[a:b],
-            None if statuses is None else statuses[a:b],
-            header=f"{header} — page {page + 1}/{n_pages}",
-            rgb=rgb is not None,
-            stretch=stretch,
+
+def render_stack_grid(grid: GridConfig, stack_path: Path, out: Path, title: str) -> list[Path]:
+    """Grid pages ``out/grid-NNN.png`` of a harvest's ``stack.h5``.
+
+    The first ``grid.max_stamps`` targets in target-list order (the table's
+    ``index``) get stamps, titled with their ids and non-``ok`` statuses, read a
+    page at a time; pages are headed ``'<title>: <n> cutouts'``. With several
+    cutout shapes (one group each) the first group is drawn. ``max_stamps == 0``
+    writes nothing and returns ``[]``.
+    """
+    import h5py
+
+    if grid.max_stamps == 0:
+        return []
+    with h5py.File(stack_path, "r") as f:
+        group = f if "image" in f else f[sorted(f)[0]]
+        table = group["table"]
+        order = np.argsort(table["index"], kind="stable")[: grid.max_stamps]
+        ids = [v.decode("utf-8") for v in table["id"][order]]
+        status = [v.decode("ascii") for v in table["status"][order]]
+        bands = list(str(group.attrs["bands"]))
+        rows = _StackRows(group["image"], order)
+        header = f"{title}: {len(ids)} cutouts"
+        return write_grid_pages(ids, rows, bands, out, grid, title=header, status=status)
+
+
+class _StackRows:
+    """Rows of an HDF5 dataset in a chosen order, read a slice (page) at a time."""
+
+    def __init__(self, dataset: Any, order: npt.NDArray[np.int64]) -> None:
+        self.dataset = dataset
+        self.order = order
+        self.shape = (len(order), *dataset.shape[1:])
+        self.dtype = dataset.dtype
+
+    def __getitem__(self, key: slice) -> Any:
+        want = self.order[key]
+        if not len(want):
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        data = self.dataset[np.sort(want).tolist()]  # h5py reads rows in ascending order
+        out = np.empty_like(data)
+        out[np.argsort(want)] = data
+        return out
+
+
+@dataclass(frozen=True)
+class _Sheet:
+    """The pages of one call: data checked against a (checked) layout, and geometry."""
+
+    ids: list[str]
+    stack: ImageStack
+    statuses: list[str] | None
+    planes: list[int]
+    header: str
+    rgb: bool
+    stretch: _Stretch
+    per_page: int
+    prefix: str
+    pages: int
+    n_cols: int
+    n_rows: int
+
+    @classmethod
+    def build(
+        cls,
+        layout: GridConfig,
+        ids: Sequence[str],
+        images: ImageStack | npt.ArrayLike,
+        bands: Sequence[str],
+        title: str | None,
+        prefix: str,
+        status: Sequence[str] | None,
+    ) -> _Sheet:
+        names = [str(i) for i in ids]
+        bands = [str(b) for b in bands]
+        n = len(names)
+        if not prefix or "/" in prefix or os.sep in prefix or prefix in (".", ".."):
+            raise ValueError(f"prefix must be a plain file name prefix, got prefix={prefix!r}")
+        if not bands or len(set(bands)) != len(bands):
+            raise ValueError(f"bands must be distinct band names, got bands={bands!r}")
+        if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+            images = np.asarray(images)
+        stack: ImageStack = images  # type: ignore[assignment]
+        shape = tuple(int(s) for s in stack.shape)
+        if len(shape) != 4 or shape[0] != n or shape[1] != len(bands):
+            raise ValueError(
+                f"images.shape must be (N, B, H, W) with images.shape[0] = len(ids) = {n} "
+                f"and images.shape[1] = len(bands) = {len(bands)}, got images.shape={shape}"
+            )
+        statuses = None if status is None else [str(s) for s in status]
+        if statuses is not None and len(statuses) != n:
+            raise ValueError(
+                f"status must have len(ids)={n} entries, got len(status)={len(statuses)}"
+            )
+        shown = list(layout.rgb) if layout.rgb is not None else [layout.band or bands[-1]]
+        for name in shown:
+            if name not in bands:
+                raise ValueError(f"band {name!r} of the layout is not in bands={bands!r}")
+        if layout.rgb is not None:
+            default = f"{'/'.join(layout.rgb)} composite (asinh)"
+        else:
+            default = f"{shown[0]} band ({layout.stretch})"
+        stamps = min(n, layout.max_stamps)
+        on_page = min(layout.per_page, stamps)
+        n_cols = max(1, min(layout.columns, on_page))
+        return cls(
+            ids=names[:stamps],
+            stack=stack,
+            statuses=None if statuses is None else statuses[:stamps],
+            planes=[bands.index(name) for name in shown],
+            header=default if title is None else title,
+            rgb=layout.rgb is not None,
+            stretch=layout.stretch,
+            per_page=layout.per_page,
+            prefix=prefix,
+            pages=math.ceil(stamps / layout.per_page),
             n_cols=n_cols,
-            n_rows=n_rows,
-            title_lines=title_lines,
+            n_rows=max(1, math.ceil(on_page / n_cols)),
+        )
+
+    def write(self, page: int, out_dir: Path) -> Path:
+        """Draw page ``page`` (from 0) and write it; its path."""
+        a, b = page * self.per_page, min((page + 1) * self.per_page, len(self.ids))
+        block = np.asarray(self.stack[a:b], dtype=np.float32)
+        path = out_dir / f"{self.prefix}-{page + 1:03d}.png"
+        fig = _draw_page(
+            block[:, self.planes],
+            self.ids[a:b],
+            None if self.statuses is None else self.statuses[a:b],
+            header=f"{self.header} — page {page + 1}/{self.pages}",
+            rgb=self.rgb,
+            stretch=self.stretch,
+            n_cols=self.n_cols,
+            n_rows=self.n_rows,
+            title_lines=1 if self.statuses is None else 2,
         )
         try:
             _save_atomic(fig, path)
         finally:
             fig.clear()
-            del fig
-        paths.append(path)
-    _remove_stale(out_dir, prefix, n_pages)
-    return paths
+        return path
 
 
 def _page_inches(n_cols: int, n_rows: int, title_lines: int) -> tuple[float, float]:

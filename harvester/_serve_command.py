@@ -1,0 +1,138 @@
+"""``harvester serve``: its command-line flags and what they start.
+
+Kept apart from :mod:`harvester.cli` so the service's many flags live next to
+nothing else; :mod:`harvester.service` is imported only when the command runs.
+
+Dependency rule: argparse, and :mod:`harvester.service` and ``repo`` at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_serve_command"]
+
+
+def add_serve_command(sub: Any) -> None:
+    """Add the ``serve`` command to ``sub`` (an argparse subparsers object)."""
+    srv = sub.add_parser(
+        "serve",
+        help="serve a repository the way the Rubin Science Platform serves DP1",
+        description="Serve a repository over HTTP like the RSP serves DP1: discovery, "
+        "SIA v2, DataLink, SODA sync cutouts, signed file URLs with Range, tokens, "
+        "quotas, and optional injected latency and faults.",
+    )
+    srv.add_argument("repo", help="repository folder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    srv.add_argument("--base-url", help="public URL, if not http://HOST:PORT")
+    srv.add_argument(
+        "--token", action="append", default=[], help="accept this token (read:image; repeatable)"
+    )
+    srv.add_argument("--tokens-file", help="file of 'TOKEN SCOPE[,SCOPE...]' lines")
+    srv.add_argument("--no-auth", action="store_true", help="serve without tokens")
+    srv.add_argument("--dataset", default="dp1", help="dataset label (default dp1)")
+    srv.add_argument(
+        "--single-range",
+        action="store_true",
+        help="object-store mode: a multi-range request gets 200 and the whole file",
+    )
+    srv.add_argument("--latency-ms", type=float, default=0.0, help="added to data answers")
+    srv.add_argument("--jitter-ms", type=float, default=0.0, help="random extra latency, up to")
+    srv.add_argument("--fault-rate", type=float, default=0.0, help="fault probability per request")
+    srv.add_argument("--faults", default="500,503,reset,truncate,slow", help="fault kinds")
+    srv.add_argument("--seed", type=int, default=0, help="seed of the fault generator")
+    srv.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="SERVICE=N",
+        help="requests per user per minute, e.g. cutout=35, sia=70, datalink=none",
+    )
+    srv.add_argument("--url-lifetime", type=float, default=3600.0, help="signed URL seconds")
+    srv.add_argument("--cutout-workers", type=int, default=4, help="cutout worker threads")
+    srv.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a complete request head (then 408)",
+    )
+    srv.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=75.0,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    srv.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=128,
+        help="open connections per client IP; more are closed at once",
+    )
+    srv.add_argument(
+        "--outage-after",
+        type=int,
+        default=0,
+        help="go down (reset every data request) after N answered data requests (0: never)",
+    )
+    srv.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .repo import load_repository
+    from .service import (
+        DEFAULT_QUOTAS,
+        ServiceSettings,
+        load_tokens_file,
+        parse_faults,
+        parse_quota,
+        run_server,
+    )
+
+    tokens = load_tokens_file(args.tokens_file) if args.tokens_file else {}
+    for token in args.token:
+        tokens[token] = frozenset({"read:image"})
+    quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
+    for item in args.quota:
+        name, limit = parse_quota(item)
+        if limit is None:
+            quotas.pop(name, None)
+        else:
+            quotas[name] = limit
+    settings = ServiceSettings(
+        base_url=args.base_url,
+        dataset=args.dataset,
+        tokens=tokens,
+        auth=not args.no_auth,
+        quotas=quotas,
+        multi_range=not args.single_range,
+        latency_ms=args.latency_ms,
+        jitter_ms=args.jitter_ms,
+        fault_rate=args.fault_rate,
+        faults=parse_faults(args.faults),
+        seed=args.seed,
+        url_lifetime=args.url_lifetime,
+        cutout_workers=args.cutout_workers,
+        header_timeout=args.header_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        max_connections_per_client=args.max_connections_per_client,
+        outage_after=args.outage_after,
+    )
+    settings.check_startable()
+    repo = load_repository(args.repo)
+
+    def ready(url: str) -> None:
+        auth = "no auth" if args.no_auth else f"{len(tokens)} token(s)"
+        print(f"Serving {args.repo} ({len(repo)} files) as '{args.dataset}' at {url} ({auth})")
+        print(f"  discovery: {url}/repertoire/discovery   stop with Ctrl-C", flush=True)
+
+    try:
+        run_server(repo, settings, host=args.host, port=args.port, ready=ready)
+    except KeyboardInterrupt:
+        print("harvester serve: stopped", file=sys.stderr)
+    except OSError as exc:
+        print(f"harvester: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
