@@ -175,31 +175,46 @@ class CircuitBreaker:
     """Notices that a host has stopped answering, so a run can stop, not retry forever.
 
     Per host, it counts the requests in a row that got no answer at all (refused,
-    reset, timed out). Once ``failures`` of them have failed over at least
-    ``seconds`` with no answer in between, the host is down for the rest of the
-    run: :meth:`check` raises :class:`~harvester.errors.OutageError` before any
-    further request is sent. Both conditions, because many requests in flight fail
-    together in a fraction of a second when a server restarts, and a short blip
-    should cost retries, not the run. Any answer (even a 5xx) ends a streak.
+    reset, timed out). After ``failures`` of them the breaker is open: requests to
+    the host wait in :meth:`admit`, and one at a time goes through as a probe (at
+    most one per ``probe_interval`` seconds), so an outage is not hammered with
+    every retry of every batch. An answer to the probe (even a 5xx) closes the
+    breaker and lets the waiting requests go. Once the streak has lasted
+    ``seconds``, the host is down for the rest of the run: :meth:`admit` and
+    :meth:`check` raise :class:`~harvester.errors.OutageError`. Both a count and a
+    time, because many requests in flight fail together in a fraction of a second
+    when a server restarts, and a short blip should cost waiting, not the run.
 
     Parameters
     ----------
     failures : int
-        Requests in a row without an answer; 0 turns the breaker off.
+        Requests in a row without an answer that open the breaker; 0 turns it off.
     seconds : float
-        How long the streak must have lasted.
+        How long a streak lasts before the host is down.
+    probe_interval : float
+        Least time between two probes of an open breaker.
     clock : callable
         Monotonic clock, replaceable in tests.
     """
 
     def __init__(
-        self, failures: int = 20, seconds: float = 15.0, clock: Callable[[], float] = time.monotonic
+        self,
+        failures: int = 20,
+        seconds: float = 15.0,
+        probe_interval: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.failures = int(failures)
         self.seconds = float(seconds)
+        self.probe_interval = float(probe_interval)
         self._clock = clock
         self._streak: dict[str, tuple[int, float, str]] = {}  # host: (count, since, last)
         self._down: dict[str, str] = {}
+        self._probing: set[str] = set()
+        self._next_probe: dict[str, float] = {}
+        self._changed: dict[str, anyio.Event] = {}
+        #: Requests that were held back while a breaker was open.
+        self.held = 0
 
     def check(self, host: str) -> None:
         """Raise :class:`~harvester.errors.OutageError` if ``host`` is down."""
@@ -207,23 +222,67 @@ class CircuitBreaker:
         if why is not None:
             raise OutageError(why)
 
+    def is_open(self, host: str) -> bool:
+        """Whether requests to ``host`` are held back (one probe at a time)."""
+        streak = self._streak.get(host)
+        return self.failures > 0 and streak is not None and streak[0] >= self.failures
+
+    async def admit(self, host: str) -> None:
+        """Wait until a request to ``host`` may be sent; then report its outcome
+        with :meth:`answered`, :meth:`failed` or :meth:`release`.
+
+        Raises
+        ------
+        OutageError
+            The host is down.
+        """
+        held = False
+        while True:
+            self.check(host)
+            if not self.is_open(host):
+                return
+            now = self._clock()
+            if host not in self._probing and now >= self._next_probe.get(host, 0.0):
+                self._probing.add(host)
+                return
+            if not held:
+                held = True
+                self.held += 1
+            event = self._changed.setdefault(host, anyio.Event())
+            with anyio.move_on_after(self.probe_interval):
+                await event.wait()
+
+    def _notify(self, host: str) -> None:
+        self._probing.discard(host)
+        event = self._changed.pop(host, None)
+        if event is not None:
+            event.set()
+
     def answered(self, host: str) -> None:
         """A request to ``host`` got an answer: its streak ends."""
         self._streak.pop(host, None)
+        self._notify(host)
+
+    def release(self, host: str) -> None:
+        """A request admitted by :meth:`admit` ended without telling (cancelled)."""
+        self._notify(host)
 
     def failed(self, host: str, error: str) -> None:
         """A request to ``host`` got no answer (``error`` says how)."""
         if self.failures <= 0 or host in self._down:
+            self._notify(host)
             return
         now = self._clock()
         count, since, _ = self._streak.get(host, (0, now, error))
         count += 1
         self._streak[host] = (count, since, error)
+        self._next_probe[host] = now + self.probe_interval
         if count >= self.failures and now - since >= self.seconds:
             self._down[host] = (
                 f"{host} is down: {count} requests in a row got no answer over "
                 f"{now - since:.1f} s (last: {error}); no more requests were sent to it"
             )
+        self._notify(host)
 
     def down(self) -> dict[str, str]:
         """Hosts found down, with why."""

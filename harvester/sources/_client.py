@@ -8,8 +8,9 @@
 * one capacity limiter per host; an AIMD token bucket per service (quotas, and
   back-off on 503); the server's ``X-RateLimit-Remaining``/``Reset`` respected
   before a request is sent, so a quota window is not overrun by requests in flight;
-* a :class:`~harvester.limits.CircuitBreaker` per host: once a host has given no
-  answer to ``service.outage_failures`` requests in a row over at least
+* a :class:`~harvester.limits.CircuitBreaker` per host: after
+  ``service.outage_failures`` requests in a row without an answer, requests wait
+  while one probe at a time tries the host; once the streak has lasted
   ``service.outage_seconds``, no more requests go to it and each raises
   :class:`~harvester.errors.OutageError`, which stops the run;
 * answers mapped onto the error hierarchy: no answer, a reset, a timeout, a
@@ -302,11 +303,14 @@ class ServiceClient:
             async with self.hosts.limiter(host):
                 # Checked once a connection slot is free: requests queued behind an
                 # outage are not sent once it is known.
-                self.breaker.check(host)
+                await self.breaker.admit(host)
                 try:
                     response = await self._send(method, url, service, params, data, send, probe)
                 except NoAnswerError as exc:
                     self.breaker.failed(host, str(exc))
+                    raise
+                except BaseException:
+                    self.breaker.release(host)
                     raise
                 self.breaker.answered(host)
         finally:
