@@ -65,6 +65,7 @@ class _Ref:
         self.float_half, self.crpix0, self.npatch = self._tract_geometry()
         self.dim = self.npatch * patch_inner
         self._wcs_cache: dict[int, WCS] = {}
+        self._all_tracts: dict[tuple[float, float], list[int]] = {}
 
     # Section 4, through astropy: offsets along four bearings, projected with a
     # CRPIX=(0, 0) WCS, Box2I EXPAND, then grown to a whole number of patches.
@@ -169,17 +170,20 @@ class _Ref:
         return tract, self.npatch * py + px, cx, cy, x, y
 
     # Section 6, findAllTracts, and the patch outer boxes containing the point.
-    def contains(self, tract: int, ra_deg: float, dec_deg: float) -> bool:
-        ra0, dec0 = self.center_deg(tract)
-        a = SkyCoord(ra0 * u.deg, dec0 * u.deg).separation(
-            SkyCoord(ra_deg * u.deg, dec_deg * u.deg)
-        )
-        if a.deg >= 89.0:  # far side of the tangent plane: not in this tract
+    def contains(self, tract: int, ra_deg: float, dec_deg: float, angle_deg: float) -> bool:
+        """Whether the point, ``angle_deg`` from the tract centre, is in the tract."""
+        if angle_deg >= 89.0:  # far side of the tangent plane: not in this tract
             return False
         cx, cy = self.center_pixel(tract, ra_deg, dec_deg)
         return 0 <= cx < self.dim and 0 <= cy < self.dim
 
     def find_all_tracts(self, ra_deg: float, dec_deg: float) -> list[int]:
+        key = (ra_deg, dec_deg)
+        if key not in self._all_tracts:  # find_all_patches asks again for the same point
+            self._all_tracts[key] = self._find_all_tracts(ra_deg, dec_deg)
+        return list(self._all_tracts[key])
+
+    def _find_all_tracts(self, ra_deg: float, dec_deg: float) -> list[int]:
         ring = self.ring_of_dec(dec_deg)
         cands: list[int] = []
         for r in (ring - 1, ring, ring + 1):
@@ -189,7 +193,17 @@ class _Ref:
             n = self.counts[r]
             cands += [self.first_id[r] + (t % n) for t in (j - 1, j, j + 1)]
         cands += [0, self.num_tracts - 1]
-        return [t for t in dict.fromkeys(cands) if self.contains(t, ra_deg, dec_deg)]
+        cands = list(dict.fromkeys(cands))
+        # Angles from every candidate's centre to the point, in one astropy call.
+        ra0, dec0 = zip(*(self.center_deg(t) for t in cands), strict=True)
+        angles = SkyCoord(np.array(ra0) * u.deg, np.array(dec0) * u.deg).separation(
+            SkyCoord(ra_deg * u.deg, dec_deg * u.deg)
+        )
+        return [
+            t
+            for t, a in zip(cands, angles.deg, strict=True)
+            if self.contains(t, ra_deg, dec_deg, float(a))
+        ]
 
     def find_all_patches(self, ra_deg: float, dec_deg: float) -> list[tuple[int, int]]:
         out = []

@@ -33,7 +33,8 @@ from tests.test_http_source import (
 
 @pytest.fixture(scope="module")
 def targets(tiny_skymap: SkyMap, tiny_tract: int) -> Targets:
-    return tract_targets(tiny_skymap, tiny_tract, 25, seed=21)
+    # Twelve are enough: among them one box crosses a patch edge (see below).
+    return tract_targets(tiny_skymap, tiny_tract, 12, seed=21)
 
 
 @pytest.mark.parametrize("planes", ["image,mask,variance", "image"])
@@ -52,7 +53,7 @@ async def test_soda_pixels_equal_local(
     assert_same_cutouts(want, got)
     # One request per cutout: per target and band, per piece over a patch edge.
     cutouts = stats["backends"]["soda"]["cutouts"]
-    assert cutouts == served >= 2 * len(targets)
+    assert cutouts == served > 2 * len(targets)  # > : some box is cut out in pieces
     assert stats["requests"]["results"] == cutouts
 
 

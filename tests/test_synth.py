@@ -122,8 +122,9 @@ def test_same_seed_same_bytes(tmp_path: Path, tiny_tract: int, compress: bool) -
         tile=20,
     )
     build_repository(tmp_path / "a", spec)
-    # A second apart: anything stamped with the wall clock (gzip headers) would differ.
-    time.sleep(1.1)
+    # Into the next second of the wall clock, so anything stamped with it (gzip
+    # headers, FITS dates: to the second) would differ between the two builds.
+    time.sleep(1.01 - time.time() % 1.0)
     build_repository(tmp_path / "b", spec, jobs=2)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     other = SynthSpec(
