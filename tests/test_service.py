@@ -56,7 +56,11 @@ from harvester.service._results import ResultStore
 from harvester.service._signing import Signer
 from harvester.skymap import SkyMap
 
-TOKENS = {"tok": {"read:image"}, "tok2": {"read:image"}, "taponly": {"read:tap"}}
+TOKENS: dict[str, frozenset[str]] = {
+    "tok": frozenset({"read:image"}),
+    "tok2": frozenset({"read:image"}),
+    "taponly": frozenset({"read:tap"}),
+}
 AUTH = {"Authorization": "Bearer tok"}
 SECRET = b"test-secret"
 
@@ -64,6 +68,7 @@ SECRET = b"test-secret"
 def settings(**kw: object) -> ServiceSettings:
     kw.setdefault("tokens", TOKENS)
     kw.setdefault("secret", SECRET)
+    # Field types vary per keyword; ServiceSettings checks them at run time.
     return ServiceSettings(**kw)  # type: ignore[arg-type]
 
 
@@ -145,7 +150,7 @@ def test_settings_checks_values() -> None:
         {"tokens": {"has space": {"read:image"}}},
     ):
         with pytest.raises(ConfigError):
-            ServiceSettings(**bad)  # type: ignore[arg-type]
+            ServiceSettings(**bad)
     # One key of each section: the message names the key and the value.
     for key, value in (
         ("dataset", "dp 1"),  # identity
@@ -164,10 +169,11 @@ def test_settings_checks_values() -> None:
         with pytest.raises(
             ConfigError, match=rf"^service: {key} must be .*, not {re.escape(repr(value))}$"
         ):
+            # Deliberately ill-typed values: the run-time check is under test.
             ServiceSettings(**{key: value})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown route kind 'sai' in fault_routes"):
         ServiceSettings(fault_routes=frozenset({"sia", "sai"}))
-    s = ServiceSettings(tokens={"a": set()}, quotas={"vo-cutouts": 5}, base_url="http://h/")
+    s = ServiceSettings(tokens={"a": frozenset()}, quotas={"vo-cutouts": 5}, base_url="http://h/")
     assert s.tokens["a"] == {"read:image"}
     assert dict(s.quotas) == {"cutout": 5}
     assert s.base_url == "http://h"
@@ -506,13 +512,13 @@ async def test_sia_circle_finds_the_patches_and_bands(
             assert r.headers["Content-Type"] == "application/x-votable+xml"
             body = await r.read()
         table = parse_table(body)
-        infos = {i.name: i.value for i in table._votable.resources[0].infos}  # type: ignore[attr-defined]
+        infos = {i.name: i.value for i in table._votable.resources[0].infos}
         assert infos["QUERY_STATUS"] == "OK"
         got = rows(body)
         assert {(row["lsst_patch"], row["lsst_band"]) for row in got} == {
             (p, b) for p in expected for b in ("g", "z")
         }
-        by_key = {(r.patch, r.band): r for r in tiny_repo}
+        by_key: dict[tuple[object, object], DatasetRef] = {(r.patch, r.band): r for r in tiny_repo}
         for row in got:
             ref = by_key[(row["lsst_patch"], row["lsst_band"])]
             assert row["dataproduct_type"] == "image"
@@ -537,7 +543,9 @@ async def test_sia_circle_finds_the_patches_and_bands(
             assert (row["em_min"], row["em_max"]) == (lo, hi)
             c = SkyCoord(*np.array(ref.polygon).T, unit="deg")
             centre = SkyCoord(row["s_ra"], row["s_dec"], unit="deg")
-            assert centre.separation(c).deg.max() == pytest.approx(row["s_fov"] / 2)
+            fov = row["s_fov"]
+            assert isinstance(fov, float)
+            assert centre.separation(c).deg.max() == pytest.approx(fov / 2)
 
 
 async def test_sia_filters_combine(tiny_repo: Repository, tiny_skymap: SkyMap) -> None:
@@ -989,7 +997,8 @@ async def test_soda_circle_cutout_matches_a_numpy_slice(
             assert (h["CRVAL1A"], h["CRVAL2A"]) == (px0 + x0, py0 + y0)
             assert h["CRPIX1"] == pytest.approx(header["CRPIX1"] - x0)
             cx, cy = WCS(h).world_to_pixel(SkyCoord(ra, dec, unit="deg"))
-            assert (float(cx), float(cy)) == (pytest.approx(70.3 - x0), pytest.approx(64.8 - y0))
+            assert float(cx) == pytest.approx(70.3 - x0)
+            assert float(cy) == pytest.approx(64.8 - y0)
         # MaskedImage (and Exposure, the same here) add MASK and VARIANCE.
         for detail in ("MaskedImage", "Exposure"):
             status, _, data = await soda(
@@ -1107,14 +1116,16 @@ async def test_soda_timeout_and_result_expiry(
     tiny_repo: Repository, tiny_skymap: SkyMap, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import harvester.service._soda as soda_module
+    from harvester.service._cutout import make_cutout
 
     ref = next(iter(tiny_repo))
     ra, dec = patch_center(tiny_skymap, ref)
     params = [("ID", did(ref)), ("CIRCLE", f"{ra} {dec} 0.0005")]
-    real = soda_module.make_cutout
+    real = make_cutout
 
     def slow(*args: object) -> bytes:
         time.sleep(0.5)
+        # Forwards make_cutout's positional arguments unchanged.
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(soda_module, "make_cutout", slow)
@@ -1274,7 +1285,8 @@ async def test_latency_applies_to_data_routes_only(tiny_repo: Repository) -> Non
         datalink, vosi = list(server.received)
     # The delay drawn is the seeded one (the jitter generator is seeded seed + 1).
     drawn = (latency + random.Random(seed + 1).uniform(0.0, jitter)) / 1000
-    assert (datalink.kind, datalink.delay) == ("datalink", pytest.approx(drawn, abs=1e-12))
+    assert datalink.kind == "datalink"
+    assert datalink.delay == pytest.approx(drawn, abs=1e-12)
     assert (vosi.kind, vosi.delay) == ("vosi", 0.0)
 
 
@@ -1332,14 +1344,14 @@ async def test_hostile_inputs_never_crash_the_server(
             for name in ("POS", "CIRCLE", "POLYGON", "ID", "BAND", "MAXREC", "CUTOUTDETAIL"):
                 for value in nasty:
                     for method in ("GET", "POST"):
-                        kw = (
-                            {"params": {name: value}}
-                            if method == "GET"
-                            else {"data": {name: value}}
-                        )
+                        fields = {name: value}
                         async with http.request(
-                            method, server.base_url + path, headers=AUTH, **kw
-                        ) as r:  # type: ignore[arg-type]
+                            method,
+                            server.base_url + path,
+                            headers=AUTH,
+                            params=fields if method == "GET" else None,
+                            data=fields if method == "POST" else None,
+                        ) as r:
                             body = await r.text()
                             assert r.status < 500 or body.startswith("Error: Cannot create"), (
                                 path,

@@ -40,7 +40,8 @@ async def get(server: ServerHandle, target: str, auth: bool = True) -> int | Non
 
 
 def settings(**kw: object) -> ServiceSettings:
-    return ServiceSettings(tokens={"tok": {"read:image"}}, **kw)  # type: ignore[arg-type]
+    # Field types vary per keyword; ServiceSettings checks them at run time.
+    return ServiceSettings(tokens={"tok": frozenset({"read:image"})}, **kw)  # type: ignore[arg-type]
 
 
 async def test_down_refuses_data_routes_counts_and_comes_back(tiny_repo: Repository) -> None:

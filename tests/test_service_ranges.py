@@ -18,7 +18,7 @@ from harvester.repo import Repository
 from harvester.service import ServiceSettings, serve
 from harvester.service._range_header import Unsatisfiable, merge_ranges, parse_ranges
 
-TOKENS = {"tok": {"read:image"}}
+TOKENS: dict[str, frozenset[str]] = {"tok": frozenset({"read:image"})}
 AUTH = {"Authorization": "Bearer tok"}
 
 
