@@ -25,7 +25,7 @@ from harvester.report import Report
 from harvester.service import serve
 from harvester.skymap import SkyMap
 from harvester.targets import Targets
-from tests.test_http_source import TOKEN, settings
+from tests.test_http_source import TOKEN, _targets, settings
 
 #: Per patch, targets whose 20 px boxes lie inside the patch's inner box, so a
 #: batch touches one image (band z): an attempt is one DataLink request at most
@@ -47,16 +47,7 @@ def _inner_targets(skymap: SkyMap, tract: int) -> Targets:
     home = skymap.find_tract(ra, dec) == tract
     ra, dec = ra[home], dec[home]
     assert len(ra) > 4 * PER_PATCH
-    n = len(ra)
-    return Targets(
-        id=np.array([f"t{i}" for i in range(n)]),
-        ra=ra,
-        dec=dec,
-        size=np.zeros(n, dtype=np.int64),
-        bands=[()] * n,
-        row=np.arange(1, n + 1, dtype=np.int64),
-        source="test",
-    )
+    return _targets(ra, dec)
 
 
 async def _run(config: RunConfig, targets: Targets) -> Report:
