@@ -334,6 +334,7 @@ class HarvestRun:
                     stack_offset=part_first if part is not None else None,
                 ),
                 *groups,
+                images=[(r.band, r.id, r.path) for r in self.plan.batch_images(spec)],
             )
         with self._count_lock:
             self.processed += len(batch) if batch is not None else 0

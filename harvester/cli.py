@@ -22,6 +22,7 @@ from .config import OVERRIDES, BadValue, GridConfig, RunConfig, apply_override, 
 from .engine import Harvester, run
 from .errors import HarvesterError
 from .progress import ProgressBar
+from .repo import Repository
 from .report import Report
 from .skymap import SkyMap
 from .targets import Size, load_targets, parse_size
@@ -118,6 +119,14 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--compress", action="store_true", help="tile-compressed HDUs (RICE)")
     syn.add_argument("--no-agn", action="store_true", help="do not plant the ECDFS AGN")
     syn.add_argument(
+        "--butler-only",
+        action="store_true",
+        help="only (re)build ROOT/butler, the Butler repository over an existing repository",
+    )
+    syn.add_argument(
+        "--no-butler", action="store_true", help="do not build ROOT/butler (the Butler repository)"
+    )
+    syn.add_argument(
         "--jobs",
         type=int,
         default=os.cpu_count() or 1,
@@ -150,9 +159,19 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument(
             "--source",
-            choices=("local", "http", "soda", "auto"),
+            choices=("local", "http", "soda", "auto", "butler"),
             help="where pixels come from: the local repository, a data service's files "
-            "(http), its cutout service (soda), or per image (auto)",
+            "(http), its cutout service (soda), per image (auto), or the files a Butler "
+            "finds (butler)",
+        )
+        cmd.add_argument(
+            "--butler",
+            metavar="REPO",
+            help="Butler repository: a path, URI or DAF_BUTLER_REPOSITORIES label such as "
+            "dp1 (default <repo>/butler)",
+        )
+        cmd.add_argument(
+            "--collections", help="Butler collections, comma-separated (LSSTComCam/DP1)"
         )
         cmd.add_argument("--service-url", help="data service base URL (https://data.lsst.cloud)")
         cmd.add_argument(
@@ -196,6 +215,8 @@ FLAGS = {
     "--source": "source",
     "--service-url": "service_url",
     "--token": "token",
+    "--butler": "butler",
+    "--collections": "collections",
 }
 
 
@@ -372,12 +393,37 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
 
 
+def _build_butler(root: Path, repo: Repository | None = None, required: bool = False) -> None:
+    """Build ROOT/butler when lsst-daf-butler is installed (or ``required``)."""
+    from .butler import BUTLER_EXTRA, require_butler
+    from .repo import load_repository
+
+    try:
+        require_butler()
+    except HarvesterError:
+        if required:
+            raise CommandLineError(f"--butler-only needs lsst-daf-butler: {BUTLER_EXTRA}") from None
+        print(f"No Butler repository (lsst-daf-butler is not installed: {BUTLER_EXTRA}).")
+        return
+    from .butler._build import build_butler_repository
+
+    built = build_butler_repository(repo if repo is not None else load_repository(root))
+    print(
+        f"Butler repository {built.root}: {built.datasets} deep_coadd datasets ingested "
+        f"(direct) in {built.seconds:.1f} s; open it with Butler({str(built.root)!r}, "
+        f"collections='LSSTComCam/DP1')"
+    )
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
     from .synth import SynthSpec, build_repository, patches_for_region, patches_for_targets
     from .synth._build import read_agn_list
 
+    if args.butler_only:
+        _build_butler(Path(args.root), required=True)
+        return 0
     skymap = SkyMap()
     bands = tuple(b for b in args.bands.replace(",", "") if b.strip())
     patches: set[tuple[int, int]] = set()
@@ -429,6 +475,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         print(f"  {ref.path}  ({ref.size / 1e6:.1f} MB, id {ref.id})")
     if len(repo) > 3:
         print(f"  ... and {len(repo) - 3} more; index: {Path(args.root) / 'index.json'}")
+    if not args.no_butler:
+        _build_butler(Path(args.root), repo)
     return 0
 
 
@@ -441,6 +489,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         repo = load_repository(root)
         print(f"Using the synthetic repository {root} ({len(repo)} files).")
+        if not (root / "butler" / "butler.yaml").is_file():
+            _build_butler(root, repo)
     except HarvesterError:
         print(f"Building the synthetic ECDFS repository in {root} (once; under a minute).")
         _cmd_synth(_parser().parse_args(["synth", str(root)]))
@@ -482,6 +532,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  {out}/ledger.sqlite        one row per target, e.g.\n"
         f"      sqlite3 {out}/ledger.sqlite 'select id, status, coverage, output from targets'"
     )
+    if (root / "butler" / "butler.yaml").is_file():
+        label = json.dumps({"dp1": str((root / "butler").resolve())})
+        print(
+            f"\nThe same through the real Butler ({root}/butler, collection LSSTComCam/DP1):\n"
+            f"  harvester run configs/ecdfs_agn.toml --source butler\n"
+            f"  export DAF_BUTLER_REPOSITORIES='{label}'   # then, in Python, as the "
+            "tutorial has it:\n"
+            f"  Butler('dp1', collections='LSSTComCam/DP1')"
+        )
     return 0
 
 

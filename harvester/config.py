@@ -36,6 +36,20 @@ Remote sources
 ``"auto"``
     per image: the cutout service for images with at most
     ``service.cutouts_per_image`` cutouts, the file otherwise (DMTN-326).
+``"butler"``
+    a real LSST Butler (``pip install 'harvester[butler]'``) finds the images
+    and their URIs; harvester reads the files (memory maps for ``file://``,
+    range requests for ``https://``, never with the token). The ``[butler]``
+    section::
+
+        [butler]
+        repo = "dp1"                      # path, URI or DAF_BUTLER_REPOSITORIES label;
+                                          # default: <run.repo>/butler (harvester synth)
+        collections = ["LSSTComCam/DP1"]
+        dataset_type = "deep_coadd"
+        skymap = ""                       # the registry's sky map (only one, else
+                                          # lsst_cells_v1)
+        url_lifetime = 3000.0             # seconds a URI is used before it is renewed
 
 The ``[service]`` section (all keys optional)::
 
@@ -70,20 +84,38 @@ environment keeps it out of the process list.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from ._config_keys import (
+    _COLUMN_KEYS,
+    BadValue,
+    _choice,
+    _instance,
+    _int,
+    _Key,
+    _names,
+    _not_a_folder,
+    _num,
+    _on_off,
+    _path,
+    _read,
+    _read_size,
+    _section,
+    _text,
+    _validate,
+)
 from .errors import ConfigError
-from .targets import ColumnNames, Size, parse_size
+from .targets import ColumnNames, Size
 
 __all__ = [
     "OVERRIDES",
     "BadValue",
+    "ButlerConfig",
     "FetchConfig",
     "GridConfig",
     "RunConfig",
@@ -95,175 +127,9 @@ __all__ = [
 FORMATS = ("fits", "stack", "grid")
 PLANES = ("image", "mask", "variance")
 BAND_NAMES = tuple("ugrizy")
-SOURCES = ("local", "http", "soda", "auto")
+SOURCES = ("local", "http", "soda", "auto", "butler")
 TOKEN_ENV = ("ACCESS_TOKEN", "NUBLADO_TOKEN")
-SECTIONS = ("run", "targets", "fetch", "grid", "service")
-
-
-class BadValue(ConfigError):
-    """A key's value has the wrong type or range. ``key`` is ``section.key``;
-    ``problem`` (``"wanted an integer from 1 to 256"``) names neither key nor value,
-    for messages that name them their own way (a flag). Secret values are never shown.
-    """
-
-    def __init__(self, key: str, value: Any, problem: str, secret: bool = False) -> None:
-        shown = "" if secret else f": {_show(value)}"
-        super().__init__(f"bad value for {key}{shown} ({problem})")
-        self.key, self.value, self.problem, self.secret = key, value, problem, secret
-
-
-def _show(value: Any) -> str:
-    return repr(str(value)) if isinstance(value, Path) else repr(value)
-
-
-# ---- the typed-key table: one mechanism for every section ---------------------------
-
-
-@dataclass(frozen=True)
-class _Key:
-    """How one key is read (TOML, an override) and what it accepts: ``read`` makes the
-    field's type (a list a tuple) or leaves the value, or raises ValueError; then
-    ``accepts`` judges (None passes an ``optional`` key), ``more`` may add a problem."""
-
-    wanted: str
-    accepts: Callable[[Any], bool]
-    read: Callable[[Any], Any] = lambda v: v
-    more: Callable[[Any], str | None] | None = None
-    optional: bool = False
-    secret: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        if value is None and self.optional:
-            return None
-        if not self.accepts(value):
-            return f"wanted {self.wanted}"
-        return None if self.more is None else self.more(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int(low: int | None = None, high: int | None = None) -> _Key:
-    wanted = "an integer" + ("" if low is None else f" >= {low}")
-    if low is not None and high is not None:
-        wanted = f"an integer from {low} to {high}"
-    ok = lambda v: _integer(v) and (low is None or v >= low) and (high is None or v <= high)  # noqa: E731
-    return _Key(wanted, ok)
-
-
-def _float(value: Any) -> Any:
-    return float(value) if _number(value) else value
-
-
-def _num(low: float, *, above: bool = False, zero: bool = False) -> _Key:
-    wanted = ("0 or " if zero else "") + f"a number {'>' if above else '>='} {low:g}"
-    ok = lambda v: _number(v) and (v > low if above else v >= low or (zero and v == 0))  # noqa: E731
-    return _Key(wanted, ok, _float)
-
-
-def _choice(*values: str, **kw: Any) -> _Key:
-    wanted = "one of " + ", ".join(repr(v) for v in values)
-    return _Key(wanted, lambda v: isinstance(v, str) and v in values, **kw)
-
-
-def _text(wanted: str = "a non-empty string", **kw: Any) -> _Key:
-    return _Key(wanted, lambda v: isinstance(v, str) and v.strip() != "", **kw)
-
-
-def _split_names(value: Any, letters: bool) -> Any:
-    """``"g,r,i"``, ``"g r i"`` (and, with ``letters``, ``"gri"``) or a list: a tuple."""
-    if isinstance(value, str):
-        parts = [v for v in value.replace(",", " ").split() if v]
-        if letters and len(parts) == 1 and len(parts[0]) > 1:
-            parts = list(parts[0])  # "griz" is four bands
-        return tuple(parts)
-    return tuple(value) if isinstance(value, list | tuple) else value
-
-
-def _names(wanted: str, ok: Callable[[tuple[str, ...]], bool], **kw: Any) -> _Key:
-    """A tuple of non-empty strings that ``ok`` accepts (TOML: a list, or "a,b")."""
-    letters = kw.pop("letters", False)
-    return _Key(
-        wanted,
-        lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v) and ok(v),
-        lambda v: _split_names(v, letters),
-        **kw,
-    )
-
-
-def _path(wanted: str, **kw: Any) -> _Key:
-    read = lambda v: Path(v) if isinstance(v, str | os.PathLike) and str(v) else v  # noqa: E731
-    return _Key(wanted, lambda v: isinstance(v, Path), read, **kw)
-
-
-def _not_a_folder(path: Path) -> str | None:
-    """Why ``path`` cannot be an output folder, or None: it, or a parent, is a file."""
-    for where in (path, *path.parents):
-        if where.exists() or where.is_symlink():
-            if where.is_dir():
-                return None
-            named = "" if where == path else f"{str(where)!r} "
-            return f"{named}exists and is not a folder"
-    return None
-
-
-def _instance(cls: type) -> _Key:
-    return _Key(f"a {cls.__name__}", lambda v: isinstance(v, cls))
-
-
-def _read_size(value: Any) -> Any:
-    if isinstance(value, Size | bool) or not isinstance(value, str | int | float):
-        return value
-    return parse_size(value)  # ValueError: its reason joins the message
-
-
-def _on_off(v: Any) -> Any:
-    return ("on" if v else "off") if isinstance(v, bool) else v  # `multirange = true`
-
-
-#: ``[targets]``: column names (:class:`~harvester.targets.ColumnNames` is not ours).
-_COLUMN_KEYS = {
-    name: _text("a column name (a non-empty string)", optional=True)
-    for name in ("id", "ra", "dec", "size", "bands")
-}
-
-
-def _validate(section: str, keys: Mapping[str, _Key], obj: Any) -> None:
-    """Check every field of a config value object against its section's table."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        problem = keys[f.name].problem(value)
-        if problem is not None:
-            raise BadValue(f"{section}.{f.name}", value, problem, keys[f.name].secret)
-
-
-def _read(section: str, keys: Mapping[str, _Key], key: str, value: Any) -> Any:
-    """One key's value from TOML or an override, converted and checked."""
-    spec = keys[key]
-    try:
-        converted = spec.read(value)
-    except (TypeError, ValueError) as exc:
-        reason = f"wanted {spec.wanted}; {exc}"
-        raise BadValue(f"{section}.{key}", value, reason, spec.secret) from None
-    problem = spec.problem(converted)
-    if problem is not None:
-        raise BadValue(f"{section}.{key}", value, problem, spec.secret)
-    return converted
-
-
-def _section(section: str, keys: Mapping[str, _Key], data: Any) -> dict[str, Any]:
-    """A TOML table's keys, each converted and checked; unknown keys are errors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{section}] must be a table of keys, got {data!r}")
-    unknown = sorted(set(data) - set(keys))
-    if unknown:
-        raise ConfigError(f"unknown key {section}.{unknown[0]} (known: {', '.join(sorted(keys))})")
-    return {key: _read(section, keys, key, value) for key, value in data.items()}
+SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler")
 
 
 # ---- the value objects ---------------------------------------------------------------
@@ -402,6 +268,43 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class ButlerConfig:
+    """The Butler of ``run.source = "butler"`` (``pip install 'harvester[butler]'``).
+
+    ``repo``: a repository path or URI, or a label that ``DAF_BUTLER_REPOSITORIES``
+    (or ``DAF_BUTLER_REPOSITORY_INDEX``) names, such as ``dp1`` on the RSP; empty:
+    ``<run.repo>/butler``, the Butler repository ``harvester synth`` builds.
+    ``collections`` are searched in order; ``dataset_type`` is the coadd's;
+    ``skymap`` names the registry's sky map (empty: the only one, else
+    ``lsst_cells_v1``). ``url_lifetime``: seconds a URI from ``getURI`` is used
+    before it is asked for again (the RSP's presigned URLs last an hour).
+    """
+
+    KEYS: ClassVar[Mapping[str, _Key]] = {
+        "repo": _Key("a path, URI or label (a string)", lambda v: isinstance(v, str)),
+        "collections": _names(
+            "collection names, e.g. ['LSSTComCam/DP1'] or 'a,b'", lambda t: len(t) > 0
+        ),
+        "dataset_type": _text(),
+        "skymap": _Key("a sky map name (a string)", lambda v: isinstance(v, str)),
+        "url_lifetime": _num(0, above=True),
+    }
+
+    repo: str = ""
+    collections: tuple[str, ...] = ("LSSTComCam/DP1",)
+    dataset_type: str = "deep_coadd"
+    skymap: str = ""
+    url_lifetime: float = 3000.0
+
+    def __post_init__(self) -> None:
+        _validate("butler", self.KEYS, self)
+
+    def resolved_repo(self, run_repo: Path) -> str:
+        """``repo``, or ``<run_repo>/butler`` when empty."""
+        return self.repo or str(run_repo / "butler")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a harvest needs to know.
 
@@ -428,6 +331,8 @@ class RunConfig:
         Where pixels come from (see the module docstring).
     service : ServiceConfig
         The data service of the remote sources.
+    butler : ButlerConfig
+        The Butler of the ``butler`` source.
     """
 
     KEYS: ClassVar[Mapping[str, _Key]] = {
@@ -464,6 +369,7 @@ class RunConfig:
         "seed": _int(),
         "source": _choice(*SOURCES),
         "service": _instance(ServiceConfig),
+        "butler": _instance(ButlerConfig),
     }
 
     repo: Path = Path("data/ecdfs")
@@ -479,8 +385,9 @@ class RunConfig:
     grid: GridConfig = GridConfig()
     max_size: int = 4096
     seed: int = 1
-    source: Literal["local", "http", "soda", "auto"] = "local"
+    source: Literal["local", "http", "soda", "auto", "butler"] = "local"
     service: ServiceConfig = ServiceConfig()
+    butler: ButlerConfig = ButlerConfig()
 
     def __post_init__(self) -> None:
         _validate("run", self.KEYS, self)
@@ -493,21 +400,31 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def source_name(self) -> str:
+        """Where the images come from, as the ledger records it."""
+        if self.source == "local":
+            return str(self.repo)
+        if self.source == "butler":
+            b = self.butler
+            return f"butler:{b.resolved_repo(self.repo)}#{','.join(b.collections)}"
+        return f"{self.service.url}#{self.service.dataset}"
+
     def output_settings(self) -> dict[str, Any]:
         """The settings that shape outputs; resume needs them unchanged."""
         return {
             "bands": list(self.bands),
             "size": str(self.size),
             "planes": list(self.planes),
-            "repo": (
-                str(self.repo)
-                if self.source == "local"
-                else f"{self.service.url}#{self.service.dataset}"
-            ),
+            "repo": self.source_name(),
         }
 
 
-_NESTED: dict[str, Any] = {"fetch": FetchConfig, "grid": GridConfig, "service": ServiceConfig}
+_NESTED: dict[str, Any] = {
+    "fetch": FetchConfig,
+    "grid": GridConfig,
+    "service": ServiceConfig,
+    "butler": ButlerConfig,
+}
 
 #: The keyword overrides of :func:`load_config` (the flags of ``harvester run``):
 #: name -> (section, key).
@@ -516,6 +433,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     **{key: ("fetch", key) for key in FetchConfig.KEYS},
     "service_url": ("service", "url"),
     "token": ("service", "token"),
+    "butler": ("butler", "repo"),
+    "collections": ("butler", "collections"),
 }
 
 

@@ -95,11 +95,19 @@ class Harvester:
     ...     report = await h.run("more_targets.csv")
 
     Constructing stores the configuration only; the repository is opened on entry.
+    With ``run.source = "butler"``, ``butler`` is a Butler to use (the one a
+    notebook holds) instead of opening ``butler.repo``::
+
+        butler = Butler("dp1", collections="LSSTComCam/DP1")
+        async with Harvester(config.replace(source="butler"), butler=butler) as h: ...
     """
 
-    def __init__(self, config: RunConfig, *, progress: ProgressHook | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, *, progress: ProgressHook | None = None, butler: Any = None
+    ) -> None:
         self.config = config
         self.progress = progress
+        self.butler = butler
         self._repo: Repository | None = None
         self._source: Source | None = None
         self.retry = retry_policy(config)
@@ -107,7 +115,7 @@ class Harvester:
         self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
-        self._repo, self._source = await open_repository_and_source(self.config)
+        self._repo, self._source = await open_repository_and_source(self.config, self.butler)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -145,7 +153,7 @@ class Harvester:
             repo=self.repo,
             retry=self.retry,
             progress=self.progress,
-            open_source=functools.partial(open_source, self.config),
+            open_source=functools.partial(open_source, self.config, self.butler),
         )
 
     def load(self, targets: TargetSource | Targets | None = None) -> Targets:

@@ -27,6 +27,11 @@ Layout, and why
 * ``batches`` -- one row per batch: run, tract, patch, cutout side, start and end
   time, attempts, and where its good cutouts are in the stack (shard, first row,
   rows). The committed batches' rows *are* the stack.
+* ``images`` -- per batch, the images it read: band, dataset id (the Butler's
+  ``DatasetRef.id`` for the ``butler`` source) and where the file is (the
+  repository path, or the URI without its query: a presigned URL's signature is
+  not kept). A cutout's images are its batch's: its home patch's, and for a box
+  over the edge those of the neighbours it was completed from.
 * ``runs`` -- each run's settings and summary; ``meta`` -- the output settings
   the folder was started with, and the schema version.
 """
@@ -93,6 +98,12 @@ CREATE TABLE IF NOT EXISTS results (
     error TEXT,
     attempts INTEGER,
     row INTEGER
+);
+CREATE TABLE IF NOT EXISTS images (
+    batch INTEGER NOT NULL,
+    band TEXT NOT NULL,
+    dataset_id TEXT NOT NULL,
+    uri TEXT NOT NULL
 );
 CREATE VIEW IF NOT EXISTS targets AS
 SELECT r.id AS id, r.idx AS idx, r.row AS row, b.tract AS tract, b.patch AS patch,
@@ -294,8 +305,15 @@ class Ledger:
             self._next_batch += 1
             return batch
 
-    def record(self, batch: BatchRecord, *groups: Results) -> None:
-        """Append a batch row and its targets' rows, in one transaction.
+    def record(
+        self,
+        batch: BatchRecord,
+        *groups: Results,
+        images: Sequence[tuple[str, str, str]] = (),
+    ) -> None:
+        """Append a batch row, its targets' rows and its images, in one transaction.
+
+        ``images``: (band, dataset id, URI or path) of each image the batch read.
 
         Raises
         ------
@@ -345,6 +363,11 @@ class Ledger:
                 self._db.execute(f"INSERT INTO batches ({names}) VALUES ({bmarks})", astuple(batch))
                 for sql, args in statements:
                     self._db.execute(sql, args)
+                if images:
+                    self._db.executemany(
+                        "INSERT INTO images VALUES (?, ?, ?, ?)",
+                        [(batch.batch, *image) for image in images],
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

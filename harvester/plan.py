@@ -111,6 +111,8 @@ class Quote:
     rate: Rate | None = None
     #: Why there is no estimate, when ``rate`` is None.
     no_rate: str = ""
+    #: How the images were found (a Butler's queries), one line each.
+    lookup: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         if self.estimated_seconds is None:
@@ -129,6 +131,7 @@ class Quote:
             f"partial coverage   {self.partial} targets",
             f"no coverage        {self.no_coverage} targets",
             f"estimated time     {estimate}",
+            *self.lookup,
         ]
 
 
@@ -244,6 +247,39 @@ class Plan:
                     total += area
         return total / (int(self.side[i]) ** 2 * max(self.bands_of(i), 1))
 
+    def batch_images(self, spec: BatchSpec) -> list[DatasetRef]:
+        """The images a batch reads: its home patch's, then those its edge boxes reach."""
+        keys = [(spec.tract, spec.patch)]
+        for i in spec.index[self.crossing[spec.index]].tolist():
+            keys += [(spec.tract, piece.patch) for piece in self.pieces(i)]
+        return [
+            ref
+            for tract, patch in dict.fromkeys(keys)
+            for band in self.bands
+            if (ref := self.repo.get(tract, patch, band)) is not None
+        ]
+
+    def needed_images(self) -> set[tuple[int, int, str]]:
+        """The (tract, patch, band) images the boxes touch, for the bands each target
+        asks for (a box over its home patch's edge touches the neighbours it is
+        completed from), whether the repository has them or not."""
+        npatch = self.skymap.num_patches**2
+        images: set[tuple[int, int, str]] = set()
+        simple = np.flatnonzero(~self.crossing)
+        home = self.tract * npatch + self.patch
+        for b, band in enumerate(self.bands):
+            keys = np.unique(home[simple[self.wants(simple, b)]])
+            images |= {(int(k) // npatch, int(k) % npatch, band) for k in keys.tolist()}
+        for i in np.flatnonzero(self.crossing).tolist():
+            tract = int(self.tract[i])
+            for piece in self.pieces(i):
+                images |= {
+                    (tract, piece.patch, band)
+                    for b, band in enumerate(self.bands)
+                    if self.wanted is None or self.wanted[i, b]
+                }
+        return images
+
     def quote(self, ledger: str | os.PathLike[str] | None = None, *, probe: bool = True) -> Quote:
         """Images, bytes and time a harvest of this plan needs, without harvesting.
 
@@ -272,21 +308,8 @@ class Plan:
             if self.wanted is None
             else self.wanted.sum(axis=1).astype(np.int64)
         )
-        images: set[tuple[int, int, str]] = set()
-        simple = np.flatnonzero(~self.crossing)
+        images = self.needed_images()
         home = self.tract * npatch + self.patch
-        for b, band in enumerate(self.bands):
-            keys = np.unique(home[simple[self.wants(simple, b)]])
-            images |= {(int(k) // npatch, int(k) % npatch, band) for k in keys.tolist()}
-        crossing = np.flatnonzero(self.crossing)
-        for i in crossing.tolist():
-            tract = int(self.tract[i])
-            for piece in self.pieces(i):
-                images |= {
-                    (tract, piece.patch, band)
-                    for b, band in enumerate(self.bands)
-                    if self.wanted is None or self.wanted[i, b]
-                }
         missing = {k for k in images if self.repo.get(*k) is None}
         # Only targets over an edge or at home on a missing image can lack pixels.
         special = self.crossing.copy()
@@ -325,6 +348,7 @@ class Plan:
             estimated_seconds=seconds,
             rate=rate,
             no_rate=no_rate.lstrip("; "),
+            lookup=tuple(self.repo.lookup_lines()),
         )
 
 
@@ -463,7 +487,7 @@ def make_plan(
             | (x0 + s > ox0 + size + 2 * border)
             | (y0 + s > oy0 + size + 2 * border)
         )
-    return Plan(
+    plan = Plan(
         targets=targets,
         skymap=skymap,
         repo=repo,
@@ -477,6 +501,9 @@ def make_plan(
         crossing=crossing,
         wanted=_wanted(targets, bands),
     )
+    # A Butler repository finds the images now, in a few queries for the whole plan.
+    repo.ensure(plan.needed_images())
+    return plan
 
 
 def _wanted(targets: Targets, bands: tuple[str, ...]) -> npt.NDArray[np.bool_] | None:

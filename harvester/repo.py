@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,18 @@ class Repository:
 
     def path_of(self, ref: DatasetRef) -> Path:
         return self.root / ref.path
+
+    def ensure(self, keys: Collection[tuple[int, int, str]]) -> None:
+        """Make sure :meth:`get` knows every image of these (tract, patch, band) keys.
+
+        An index knows them all already; a Butler repository asks the Butler for
+        the ones it has not asked for (blocking). Images that do not exist stay
+        unknown: their targets are recorded ``no_coverage``.
+        """
+
+    def lookup_lines(self) -> list[str]:
+        """How the images were found, for a plan's quote (none for an index)."""
+        return []
 
     @property
     def bands(self) -> list[str]:

@@ -13,6 +13,7 @@ import pytest
 from harvester.config import (
     OVERRIDES,
     BadValue,
+    ButlerConfig,
     FetchConfig,
     GridConfig,
     RunConfig,
@@ -115,17 +116,25 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "outage_failures": ("0", 0),
         "outage_seconds": ("3", 3.0),
     },
+    "butler": {
+        "repo": ('"dp1"', "dp1"),
+        "collections": ('"a/b,c"', ("a/b", "c")),
+        "dataset_type": ('"calexp"', "calexp"),
+        "skymap": ('"ops_rings_v1"', "ops_rings_v1"),
+        "url_lifetime": ("60", 60.0),
+    },
 }
 
 
 def test_every_key_has_a_case() -> None:
     fields = {
         "run": {f.name for f in dataclasses.fields(RunConfig)}
-        - {"columns", "fetch", "grid", "service"},
+        - {"columns", "fetch", "grid", "service", "butler"},
         "targets": {f.name for f in dataclasses.fields(ColumnNames)},
         "fetch": {f.name for f in dataclasses.fields(FetchConfig)},
         "grid": {f.name for f in dataclasses.fields(GridConfig)},
         "service": {f.name for f in dataclasses.fields(ServiceConfig)},
+        "butler": {f.name for f in dataclasses.fields(ButlerConfig)},
     }
     assert {s: set(keys) for s, keys in EVERY_KEY.items()} == fields
     assert {s: set(keys) for s, keys in WRONG_TYPES.items()} == fields
@@ -160,7 +169,7 @@ WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "on_error": [("1", "one of 'skip', 'raise'"), ('["skip"]', "one of 'skip'")],
         "max_size": [("10.0", "an integer from 1 to 100000"), ("true", "an integer")],
         "seed": [('"1"', "an integer"), ("false", "an integer"), ("1.0", "an integer")],
-        "source": [("1", "one of 'local', 'http', 'soda', 'auto'"), ('"ftp"', "one of")],
+        "source": [("1", "one of 'local', 'http', 'soda', 'auto', 'butler'"), ('"x"', "one of")],
     },
     "targets": {
         name: [("3", "a column name (a non-empty string)"), ('""', "a column name")]
@@ -197,6 +206,13 @@ WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "cache_mb": [('"1G"', "an integer >= 1"), ("false", "an integer >= 1")],
         "outage_failures": [("2.0", "an integer >= 0"), ("true", "an integer >= 0")],
         "outage_seconds": [('"15s"', "a number >= 0"), ("false", "a number >= 0")],
+    },
+    "butler": {
+        "repo": [("5", "a path, URI or label"), ("[]", "a path, URI or label")],
+        "collections": [("[]", "collection names"), ("5", "collection names")],
+        "dataset_type": [('""', "a non-empty string"), ("1", "a non-empty string")],
+        "skymap": [("1", "a sky map name"), ("true", "a sky map name")],
+        "url_lifetime": [("0", "a number > 0"), ('"1h"', "a number > 0")],
     },
 }
 

@@ -29,5 +29,6 @@ def test_all_members_exist_and_are_documented() -> None:
         "wcsheader",
         "synth",
         "service",
+        "butler",
     }
     assert public - submodules == set(harvester.__all__) - {"__version__"}

@@ -125,6 +125,10 @@ class ServiceSettings:
         Accepted tokens and their scopes (a token is also the user for quotas).
     auth : bool
         Require tokens on SIA, DataLink, SODA and the repository route.
+    public_store : bool
+        Storage (``/_store/<uuid>.fits``) also answers unsigned requests, like a
+        public bucket: what a Butler datastore that points at this server needs
+        (its file URIs are plain URLs). A signed request is still checked.
     reject_auth_on_storage : bool
         Answer 400 (as S3 does) when a signed URL is fetched with an
         ``Authorization`` header, instead of ignoring it.
@@ -245,6 +249,7 @@ class ServiceSettings:
     secret: bytes | None = None
     clock: Callable[[], float] = time.time
     reject_auth_on_storage: bool = False
+    public_store: bool = False
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     max_connections_per_client: int = 128
@@ -274,7 +279,7 @@ class ServiceSettings:
 
     def _check_auth(self) -> None:
         self._set("tokens", _frozen_tokens(self.tokens))
-        for key in ("auth", "reject_auth_on_storage"):
+        for key in ("auth", "reject_auth_on_storage", "public_store"):
             if not isinstance(getattr(self, key), bool):
                 raise _fail(key, getattr(self, key), "True or False")
         if self.secret is not None and not (isinstance(self.secret, bytes) and self.secret):

@@ -6,7 +6,7 @@ cutouts) that each turn the boxes one image must serve into an
 :func:`~harvester.sources.base.assemble_batch` then does the rest, exactly as for
 local files, so every output, the ledger and resume work unchanged.
 
-Dependency rule: the plan, the source base and :mod:`harvester.sources.remote`.
+Dependency rule: the plan, the source base and :mod:`._session`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from ..errors import HarvesterError, OutageError
 from ..limits import retryable
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
+from ._session import Session
 from .base import HandleCache, ImageHandle, assemble_batch
-from .remote import RemoteSession
 
 __all__ = ["Backend", "BatchSource", "Boxes", "needed_boxes", "pick_error"]
 
@@ -82,7 +82,10 @@ def needed_boxes(plan: Plan, spec: BatchSpec) -> dict[str, Boxes]:
 class Backend(Protocol):
     """Turns the boxes one image must serve into an :class:`ImageHandle`."""
 
-    opens: int
+    @property
+    def opens(self) -> int:
+        """Images opened so far."""
+        ...
 
     async def prepare(self, boxes: Boxes, planes: tuple[str, ...]) -> ImageHandle: ...
 
@@ -118,7 +121,7 @@ class BatchSource:
     def __init__(
         self,
         name: str,
-        session: RemoteSession,
+        session: Session,
         backends: Mapping[str, Backend],
         choose: Chooser,
     ) -> None:
@@ -156,15 +159,14 @@ class BatchSource:
         return batch
 
     def statistics(self) -> dict[str, Any]:
-        """Requests by service and status, DataLink posts, SIA queries, images opened."""
+        """Requests by service and status, lookups (DataLink, SIA, Butler), images opened."""
         c = self.session.client.stats
         return {
             "requests": dict(c.requests),
             "statuses": {k: dict(v) for k, v in c.statuses.items()},
             "bytes_received": c.bytes_received,
             "token_sent": dict(c.token_sent),
-            "datalink_posts": self.session.links.posts,
-            "sia_queries": self.session.sia.queries,
+            **self.session.lookups(),
             "opens": self.opens,
             "backends": {name: b.statistics() for name, b in self.backends.items()},
         }

@@ -8,7 +8,7 @@ recently used first, their pixels within ``cache_bytes``.
 
 Dependency rule: anyio, numpy, :mod:`harvester._fits`, :mod:`._batch`,
 :mod:`._client`, :mod:`._image`, :mod:`._ranges`, :mod:`.fits_ranges`,
-:mod:`._fits_header`, :mod:`._fits_layout` and :mod:`.remote`.
+:mod:`._fits_header`, :mod:`._fits_layout` and :mod:`._session`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from ._fits_header import hdu_info, origin, parse_header
 from ._fits_layout import TILE_DECODING, PlaneLayout, TiledLayout, layout_of
 from ._image import FileHandle, RemoteImage, decode_whole
 from ._ranges import Fetched, RangeFetcher
+from ._session import Session
 from .fits_ranges import Ranges, coalesce, plan_reads
-from .remote import RemoteSession
 
 __all__ = ["FileReader"]
 
@@ -49,7 +49,7 @@ class FileReader:
 
     Parameters
     ----------
-    session : RemoteSession
+    session : Session
     request_cost : int
         Bytes one request is worth (gaps cheaper than this are read); 0 measures it
         per storage host (:class:`~._ranges.RequestCost`, from 256 kB until measured).
@@ -66,7 +66,7 @@ class FileReader:
 
     def __init__(
         self,
-        session: RemoteSession,
+        session: Session,
         *,
         request_cost: int = 0,
         multirange: str = "auto",

@@ -25,7 +25,7 @@ from ._fits_header import origin, read_hdus
 from ._fits_layout import PlaneLayout, layout_of
 from .base import HandleCache, ImageHandle, assemble_batch, copy_boxes
 
-__all__ = ["CompressedHandle", "LocalSource", "MemmapHandle", "open_local"]
+__all__ = ["CompressedHandle", "LocalSource", "MemmapHandle", "open_local", "open_path"]
 
 
 class MemmapHandle:
@@ -162,25 +162,35 @@ class CompressedHandle:
 
 def open_local(repo: Repository, ref: DatasetRef) -> ImageHandle:
     """Open a deferred handle on a repository file (headers only)."""
-    path = repo.path_of(ref)
+    return open_path(ref, repo.path_of(ref), ref.compressed)
+
+
+def open_path(ref: DatasetRef, path: Path, compressed: bool | None = None) -> ImageHandle:
+    """Open a deferred handle on a local file (headers only).
+
+    ``compressed`` None: look at the IMAGE header (a Butler does not say).
+
+    Raises
+    ------
+    TransientError
+        Out of descriptors, a stale NFS handle...: the engine retries it.
+    RepositoryError
+        Any other failure to open or understand the file (path and image named).
+    """
+    what = f"{ref.band} image of tract {ref.tract} patch {ref.patch}"
     try:
-        if ref.compressed:
+        if compressed is None:
+            image = read_hdus(path, ["IMAGE"]).get("IMAGE")
+            compressed = image is not None and not isinstance(layout_of(image), PlaneLayout)
+        if compressed:
             return CompressedHandle(ref, path)
         return MemmapHandle(ref, path)
     except OSError as exc:
         if exc.errno in TRANSIENT_ERRNOS:
-            # Out of descriptors, a stale NFS handle, ...: the engine retries it.
-            raise TransientError(
-                f"{path}: cannot open {ref.band} image of tract {ref.tract} patch {ref.patch} "
-                f"for now: {exc}"
-            ) from exc
-        raise RepositoryError(
-            f"{path}: cannot open {ref.band} image of tract {ref.tract} patch {ref.patch}: {exc}"
-        ) from exc
+            raise TransientError(f"{path}: cannot open {what} for now: {exc}") from exc
+        raise RepositoryError(f"{path}: cannot open {what}: {exc}") from exc
     except (KeyError, ValueError) as exc:
-        raise RepositoryError(
-            f"{path}: cannot open {ref.band} image of tract {ref.tract} patch {ref.patch}: {exc}"
-        ) from exc
+        raise RepositoryError(f"{path}: cannot open {what}: {exc}") from exc
 
 
 class LocalSource:

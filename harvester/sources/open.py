@@ -9,6 +9,8 @@ Dependency rule: config, limits, repo and the sources; not the engine.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 
 from ..config import RunConfig
@@ -33,8 +35,18 @@ def retry_policy(config: RunConfig) -> RetryPolicy:
     return REMOTE_RETRY
 
 
-async def open_repository_and_source(config: RunConfig) -> tuple[Repository, Source]:
-    """The run's repository and an open source over it (close it with ``aclose``)."""
+async def open_repository_and_source(
+    config: RunConfig, butler: Any = None
+) -> tuple[Repository, Source]:
+    """The run's repository and an open source over it (close it with ``aclose``).
+
+    ``butler``: for ``run.source = "butler"``, a Butler to use instead of opening
+    ``butler.repo``.
+    """
+    if config.source == "butler":
+        from .butler import open_butler
+
+        return await open_butler(config, butler)
     if config.source == "local":
         repo = await anyio.to_thread.run_sync(load_repository, config.repo)
         return repo, LocalSource(repo, concurrency=config.fetch.concurrency)
@@ -44,7 +56,7 @@ async def open_repository_and_source(config: RunConfig) -> tuple[Repository, Sou
     return await open_remote(config)
 
 
-async def open_source(config: RunConfig) -> Source:
+async def open_source(config: RunConfig, butler: Any = None) -> Source:
     """An open source for ``config`` (a :data:`~harvester._pipeline.SourceFactory`
     once bound with :func:`functools.partial`)."""
-    return (await open_repository_and_source(config))[1]
+    return (await open_repository_and_source(config, butler))[1]

@@ -139,6 +139,10 @@ class RemoteSession:
         """Forget an image's links (its signed URL was refused)."""
         self.links.invalidate(self.repo.did(ref))
 
+    def lookups(self) -> dict[str, int]:
+        """DataLink posts and SIA queries so far."""
+        return {"datalink_posts": self.links.posts, "sia_queries": self.sia.queries}
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
