@@ -77,6 +77,9 @@ class Repository:
         unknown: their targets are recorded ``no_coverage``.
         """
 
+    def ensure_all(self) -> None:
+        """Make :meth:`get` know every image (a Butler repository asks for all once)."""
+
     def lookup_lines(self) -> list[str]:
         """How the images were found, for a plan's quote (none for an index)."""
         return []

@@ -505,6 +505,7 @@ def random_targets(repo: Repository, spec: str, seed: int) -> Targets:
             raise ValueError
     except ValueError:
         raise ConfigError(f"bad value for run.targets: {spec!r} (random:N, N >= 1)") from None
+    repo.ensure_all()  # a Butler's: random targets need its whole list of images
     keys = sorted({(r.tract, r.patch) for r in repo})
     if not keys:
         raise ConfigError(f"{repo.root}: the repository is empty")

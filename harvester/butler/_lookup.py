@@ -181,6 +181,7 @@ class ButlerLookup:
         self.stats = LookupStats()
         self._lock = threading.RLock()
         self._asked: set[tuple[int, int, str]] = set()
+        self._complete = False  # every image is known (find_all ran)
         self._refs: dict[str, Any] = {}  # harvester id -> Butler DatasetRef
         self._uris: dict[str, tuple[str, float]] = {}  # id -> (URI, when fetched)
 
@@ -188,6 +189,10 @@ class ButlerLookup:
         """The Butler refs and URIs of those ``keys`` not asked for before."""
         with self._lock:
             todo = sorted(set(keys) - self._asked)
+            if self._complete:  # what find_all did not find does not exist
+                self.stats.missing += len(todo)
+                self._asked |= set(todo)
+                return []
             if not todo:
                 return []
             tracts = sorted({t for t, _, _ in todo})
@@ -203,17 +208,22 @@ class ButlerLookup:
             uris = self._fetch_uris(found)
             return [(r, uris[str(r.id)]) for r in found]
 
-    def _query(self, tracts: list[int], patches: list[int], bands: set[str]) -> list[Any]:
-        where = (
-            "band.name IN (h_bands) AND skymap = h_skymap AND tract IN (h_tracts) "
-            "AND patch IN (h_patches)"
-        )
-        bind = {
-            "h_bands": sorted(bands),
-            "h_skymap": self.skymap_name,
-            "h_tracts": tracts,
-            "h_patches": patches,
-        }
+    def find_all(self) -> list[tuple[Any, str]]:
+        """Every image of the sky map in the collections (one query), with URIs."""
+        with self._lock:
+            refs = self._query(None, [], set())
+            fresh = [r for r in refs if _key(r) not in self._asked]
+            self._asked |= {_key(r) for r in refs}
+            self._complete = True
+            uris = self._fetch_uris(fresh)
+            return [(r, uris[str(r.id)]) for r in fresh]
+
+    def _query(self, tracts: list[int] | None, patches: list[int], bands: set[str]) -> list[Any]:
+        where = "skymap = h_skymap"
+        bind: dict[str, Any] = {"h_skymap": self.skymap_name}
+        if tracts is not None:
+            where += " AND band.name IN (h_bands) AND tract IN (h_tracts) AND patch IN (h_patches)"
+            bind |= {"h_bands": sorted(bands), "h_tracts": tracts, "h_patches": patches}
         self.stats.queries += 1
         refs: list[Any] = _call(
             f"query_datasets({self.config.dataset_type!r}, "
@@ -279,7 +289,14 @@ class ButlerRepository(Repository):
 
     def ensure(self, keys: Collection[tuple[int, int, str]]) -> None:
         assert self.lookup is not None
-        for bref, uri in self.lookup.find(keys):
+        self._add(self.lookup.find(keys))
+
+    def ensure_all(self) -> None:
+        assert self.lookup is not None
+        self._add(self.lookup.find_all())
+
+    def _add(self, found: list[tuple[Any, str]]) -> None:
+        for bref, uri in found:
             d = bref.dataId
             local = not uri.startswith(("http://", "https://"))
             # A remote image is read at lookup.uri(id); its path (what the ledger
