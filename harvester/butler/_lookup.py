@@ -31,6 +31,7 @@ Dependency rule: config, errors, repo and skymap; ``lsst.daf.butler`` lazily.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -327,16 +328,18 @@ class ButlerRepository(Repository):
         ]
 
 
-def _open(config: ButlerConfig, where: str) -> Any:
+def _open(config: ButlerConfig, where: str, run_repo: Path) -> Any:
     daf_butler = require_butler()
     try:
         return daf_butler.Butler.from_config(where, collections=list(config.collections))
     except Exception as exc:
-        hint = (
-            ""
-            if "/" in where or where.startswith(".")
-            else " (a label: set DAF_BUTLER_REPOSITORIES='{\"" + where + '": "<path or URL>"}\')'
-        )
+        if not config.repo:
+            hint = f" (build it with: harvester synth --butler-only {run_repo})"
+        elif "/" in where or where.startswith("."):
+            hint = ""
+        else:
+            label = json.dumps({where: "<path or URL>"})
+            hint = f" (a label: set DAF_BUTLER_REPOSITORIES='{label}')"
         raise ConfigError(f"butler.repo: cannot open the Butler {where!r}{hint}: {exc}") from exc
 
 
@@ -356,7 +359,7 @@ def open_butler_repository(
     """
     where = config.resolved_repo(run_repo) if butler is None else repr(butler)
     if butler is None:
-        butler = _open(config, where)
+        butler = _open(config, where, run_repo)
     for name in config.collections:
         with _mapped(f"Butler {where}: collection {name!r}"):
             butler.collections.get_info(name)

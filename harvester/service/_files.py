@@ -46,8 +46,10 @@ def _check(request: web.Request, state: ServiceState, path: str, style: str) -> 
                 "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
                 "Signature query string parameter or the Authorization header should be specified",
             )
-    if style == "s3" and state.settings.public_store and not any(
-        k.startswith("X-Amz-") for k in request.query
+    if (
+        style == "s3"
+        and state.settings.public_store
+        and not any(k.startswith("X-Amz-") for k in request.query)
     ):
         return None  # a public bucket: plain URLs are read as they are
     try:
