@@ -431,3 +431,20 @@ def test_ecdfs_position_is_where_the_tutorial_says(dp1_like: Repository) -> None
 def _no_stray_label(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("DAF_BUTLER_REPOSITORIES", raising=False)
     yield
+
+
+def test_compressed_files_through_the_butler(
+    tiny_repo_compressed: Repository, tmp_path: Path
+) -> None:
+    """Tile-compressed files: the Butler does not say, the header does (same pixels)."""
+    import anyio
+
+    where = build_butler_repository(tiny_repo_compressed, tmp_path / "butler").root
+    targets = random_targets(tiny_repo_compressed, "random:80", 4)
+    outs = []
+    for source in ("local", "butler"):
+        out = tmp_path / source
+        config = _config(tiny_repo_compressed, out, source, repo=str(where))
+        anyio.run(_run, config.replace(bands=("z",)), targets)
+        outs.append(out)
+    _same_stacks(_stack(outs[0]), _stack(outs[1]))
