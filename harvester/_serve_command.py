@@ -9,7 +9,11 @@ Dependency rule: argparse, and :mod:`harvester.service` and ``repo`` at run time
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_serve_command"]
@@ -77,6 +81,13 @@ def add_serve_command(sub: Any) -> None:
         default=0,
         help="go down (reset every data request) after N answered data requests (0: never)",
     )
+    srv.add_argument(
+        "--butler",
+        action="store_true",
+        help="also run the real Butler server (a RemoteButler for label 'dp1') over these "
+        "files; needs harvester[butler-server]",
+    )
+    srv.add_argument("--butler-port", type=int, default=0, help="its port (0: any free port)")
     srv.set_defaults(func=_cmd_serve)
 
 
@@ -119,20 +130,87 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         keepalive_timeout=args.keepalive_timeout,
         max_connections_per_client=args.max_connections_per_client,
         outage_after=args.outage_after,
+        # A Butler datastore holds plain URLs: storage answers them unsigned.
+        public_store=args.butler,
     )
     settings.check_startable()
     repo = load_repository(args.repo)
+    if args.butler and not _butler_server_installed():
+        return 2
+    extras = contextlib.ExitStack()
 
     def ready(url: str) -> None:
         auth = "no auth" if args.no_auth else f"{len(tokens)} token(s)"
         print(f"Serving {args.repo} ({len(repo)} files) as '{args.dataset}' at {url} ({auth})")
         print(f"  discovery: {url}/repertoire/discovery   stop with Ctrl-C", flush=True)
+        if args.butler:
+            # In a thread: ingest checks each file's URL on this very server.
+            starter = threading.Thread(
+                target=_start_butler,
+                args=(extras, repo, url, args.butler_port, args.dataset),
+                name="harvester-butler-server",
+            )
+            starter.start()
+            starters.append(starter)
 
+    starters: list[threading.Thread] = []
+    # SIGTERM (a service manager, `timeout`) stops like Ctrl-C: temporary folders
+    # and the Butler server are cleaned up.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run_server(repo, settings, host=args.host, port=args.port, ready=ready)
+        with extras:
+            try:
+                run_server(repo, settings, host=args.host, port=args.port, ready=ready)
+            finally:
+                for starter in starters:
+                    starter.join()
     except KeyboardInterrupt:
         print("harvester serve: stopped", file=sys.stderr)
     except OSError as exc:
         print(f"harvester: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _butler_server_installed() -> bool:
+    try:
+        import lsst.daf.butler.remote_butler.server  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"harvester: error: --butler needs the Butler server ({exc}): "
+            "pip install 'harvester[butler-server]'",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _start_butler(
+    stack: contextlib.ExitStack, repo: Any, storage_url: str, port: int, label: str
+) -> None:
+    """Build a Butler repository over ``storage_url``'s files and serve it (real server).
+
+    Runs once, in a thread, when the service listens (its URL goes into the
+    datastore); the repository lives in a temporary folder removed on exit.
+    """
+    import json
+    import tempfile
+
+    from .butler.testing import build_http_butler, butler_server
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="harvester-butler-")))
+    try:
+        built = build_http_butler(repo, tmp / "butler", storage_url)
+        server = stack.enter_context(butler_server({label: built.root}, port=port, log=tmp / "log"))
+    except Exception as exc:
+        print(f"harvester: error: the Butler server did not start: {exc}", file=sys.stderr)
+        return
+    labels = json.dumps({label: server.repo_url(label)})
+    print(f"  Butler server: {server.url} ({built.datasets} datasets, a RemoteButler), e.g.")
+    print(f"    export DAF_BUTLER_REPOSITORIES='{labels}' BUTLER_RUBIN_ACCESS_TOKEN=any")
+    print(f"    harvester run configs/ecdfs_agn.toml --source butler --butler {label}", flush=True)

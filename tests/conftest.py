@@ -79,3 +79,19 @@ def parent_box(path: Path) -> tuple[int, int]:
     with fits.open(path) as hdul:
         h = hdul["IMAGE"].header
         return -int(h["LTV1"]), -int(h["LTV2"])
+
+
+@pytest.fixture(scope="session")
+def local_run(tiny_repo: Repository, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local source's run of 600 random targets (g, z; 30 px; stack): the reference
+    the Butler sources' runs of the same targets are compared with."""
+    import anyio
+
+    from harvester.targets import random_targets
+
+    from ._butler_common import run_config, run_harvest
+
+    out = tmp_path_factory.mktemp("local")
+    targets = random_targets(tiny_repo, "random:600", 1)
+    anyio.run(run_harvest, run_config(tiny_repo, out, "local"), targets)
+    return out

@@ -17,21 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import numpy.typing as npt
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from harvester.config import ButlerConfig, RunConfig, load_config
+from harvester.config import ButlerConfig, RunConfig
 from harvester.engine import Harvester
 from harvester.errors import ConfigError, RepositoryError, TransientError
 from harvester.repo import Repository
-from harvester.report import Report
 from harvester.synth import SynthSpec, build_repository
 from harvester.targets import random_targets
 
+from ._butler_common import read_ledger, read_stack, run_config, run_harvest, same_stacks
 from .conftest import ECDFS, TINY
 
 butler_mod = pytest.importorskip(
@@ -46,8 +45,6 @@ from harvester.butler._lookup import (  # noqa: E402
 )
 
 register_skymap(TINY)
-
-Stack = dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]]
 
 
 @pytest.fixture(scope="module")
@@ -64,48 +61,6 @@ def dp1_like(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     repo = build_repository(root, spec, jobs=1)
     build_butler_repository(repo)
     return repo
-
-
-def _config(data: Repository, out: Path | None, source: str, **butler: Any) -> RunConfig:
-    config = load_config(
-        None,
-        repo=str(data.root),
-        output=None if out is None else str(out),
-        bands="g,z",
-        size="30",
-        formats="stack",
-        batch_size=64,
-        source=source,
-    )
-    return config.replace(butler=ButlerConfig(**butler)) if butler else config
-
-
-async def _run(config: RunConfig, targets: Any, butler: Any = None) -> tuple[Report, Any]:
-    async with Harvester(config, butler=butler) as h:
-        report = await h.run(targets)
-        return report, h.repo
-
-
-def _stack(out: Path) -> Stack:
-    with h5py.File(out / "stack.h5") as f:
-        ids = [v.decode() for v in f["table"]["id"]]
-        planes = [f[p][...] for p in ("image", "mask", "variance")]
-    return {i: (planes[0][k], planes[1][k], planes[2][k]) for k, i in enumerate(ids)}
-
-
-def _ledger(out: Path) -> dict[str, tuple[str, float | None]]:
-    db = sqlite3.connect(out / "ledger.sqlite")
-    try:
-        return {i: (s, c) for i, s, c in db.execute("SELECT id, status, coverage FROM targets")}
-    finally:
-        db.close()
-
-
-def _same_stacks(a: Stack, b: Stack) -> None:
-    assert a.keys() == b.keys() and a
-    for key in a:
-        for pa, pb in zip(a[key], b[key], strict=True):
-            assert np.array_equal(pa, pb, equal_nan=True), key
 
 
 # ---- packaging -----------------------------------------------------------------------
@@ -223,26 +178,17 @@ def test_a_label_that_is_not_set_is_a_clear_error(
 # ---- harvesting -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_run(tiny_repo: Repository, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import anyio
-
-    out = tmp_path_factory.mktemp("local")
-    anyio.run(_run, _config(tiny_repo, out, "local"), random_targets(tiny_repo, "random:600", 1))
-    return out
-
-
 def test_butler_source_equals_local_source(
     tiny_repo: Repository, tiny_butler: Path, local_run: Path, tmp_path: Path
 ) -> None:
     import anyio
 
     out = tmp_path / "b"
-    config = _config(tiny_repo, out, "butler", repo=str(tiny_butler))
-    report, repo = anyio.run(_run, config, random_targets(tiny_repo, "random:600", 1))
+    config = run_config(tiny_repo, out, "butler", repo=str(tiny_butler))
+    report, repo = anyio.run(run_harvest, config, random_targets(tiny_repo, "random:600", 1))
     assert report.counts.get("ok", 0) > 0
-    _same_stacks(_stack(out), _stack(local_run))
-    assert _ledger(out) == _ledger(local_run)
+    same_stacks(read_stack(out), read_stack(local_run))
+    assert read_ledger(out) == read_ledger(local_run)
     # The ledger says which image and file each batch read: the Butler's ids and paths.
     db = sqlite3.connect(out / "ledger.sqlite")
     images = db.execute("SELECT band, dataset_id, uri FROM images").fetchall()
@@ -274,7 +220,7 @@ def test_queries_do_not_grow_with_targets(tiny_repo: Repository, tiny_butler: Pa
                 return _real(*a, **k)
 
             setattr(butler, name, counted)
-        config = _config(tiny_repo, None, "butler")
+        config = run_config(tiny_repo, None, "butler")
 
         # A target list (not random:N, which asks the Butler for every image).
         targets = random_targets(tiny_repo, f"random:{n}", 5)
@@ -301,10 +247,10 @@ def test_missing_images_are_no_coverage(
     part = Repository(root=tiny_repo.root, skymap=tiny_repo.skymap, datasets=keep)
     where = build_butler_repository(part, tmp_path / "butler").root
     out = tmp_path / "o"
-    config = _config(tiny_repo, out, "butler", repo=str(where))
+    config = run_config(tiny_repo, out, "butler", repo=str(where))
     targets = random_targets(tiny_repo, "random:400", 2)  # over all 16 patches
-    report, repo = anyio.run(_run, config, targets)
-    ledger = _ledger(out)
+    report, repo = anyio.run(run_harvest, config, targets)
+    ledger = read_ledger(out)
     # Patches 5 and 6 in g and z (and patches of neighbouring tracts that edge boxes
     # reach into, which this Butler has none of).
     assert repo.lookup.stats.missing >= 4
@@ -327,15 +273,15 @@ def test_wrong_collection_and_dataset_type_are_named(
 ) -> None:
     import anyio
 
-    config = _config(tiny_repo, None, "butler", repo=str(tiny_butler), collections=("No/Such",))
+    config = run_config(tiny_repo, None, "butler", repo=str(tiny_butler), collections=("No/Such",))
     with pytest.raises(ConfigError, match=r"butler.collections.*No/Such"):
-        anyio.run(_run, config, "random:5")
-    config = _config(tiny_repo, None, "butler", repo=str(tiny_butler), dataset_type="calexp")
+        anyio.run(run_harvest, config, "random:5")
+    config = run_config(tiny_repo, None, "butler", repo=str(tiny_butler), dataset_type="calexp")
     with pytest.raises(ConfigError, match=r"butler.dataset_type.*calexp"):
-        anyio.run(_run, config, "random:5")
-    config = _config(tiny_repo, None, "butler", repo=str(tiny_butler), skymap="other")
+        anyio.run(run_harvest, config, "random:5")
+    config = run_config(tiny_repo, None, "butler", repo=str(tiny_butler), skymap="other")
     with pytest.raises(ConfigError, match=r"butler.skymap.*'other'.*tiny"):
-        anyio.run(_run, config, "random:5")
+        anyio.run(run_harvest, config, "random:5")
 
 
 def test_resume_through_the_butler(
@@ -346,23 +292,23 @@ def test_resume_through_the_butler(
 
     everything = random_targets(tiny_repo, "random:300", 3)
     out = tmp_path / "r"
-    config = _config(tiny_repo, out, "butler", repo=str(tiny_butler))
-    first, _ = anyio.run(_run, config, everything.take(slice(0, 100)))
+    config = run_config(tiny_repo, out, "butler", repo=str(tiny_butler))
+    first, _ = anyio.run(run_harvest, config, everything.take(slice(0, 100)))
     assert first.processed == 100
-    report, _ = anyio.run(_run, config, everything)
+    report, _ = anyio.run(run_harvest, config, everything)
     assert report.processed == 200 and report.skipped == 100
-    again, _ = anyio.run(_run, config, everything)
+    again, _ = anyio.run(run_harvest, config, everything)
     assert again.processed == 0 and again.skipped == 300
     ref = tmp_path / "l"
-    anyio.run(_run, _config(tiny_repo, ref, "local"), everything)
-    _same_stacks(_stack(out), _stack(ref))
+    anyio.run(run_harvest, run_config(tiny_repo, ref, "local"), everything)
+    same_stacks(read_stack(out), read_stack(ref))
 
 
 def test_plan_quotes_the_queries(tiny_repo: Repository, tiny_butler: Path) -> None:
     import anyio
 
     async def quote() -> list[str]:
-        async with Harvester(_config(tiny_repo, None, "butler", repo=str(tiny_butler))) as h:
+        async with Harvester(run_config(tiny_repo, None, "butler", repo=str(tiny_butler))) as h:
             return (await h.aplan("random:50")).quote().lines()
 
     lines = anyio.run(quote)
@@ -444,7 +390,7 @@ def test_compressed_files_through_the_butler(
     outs = []
     for source in ("local", "butler"):
         out = tmp_path / source
-        config = _config(tiny_repo_compressed, out, source, repo=str(where))
-        anyio.run(_run, config.replace(bands=("z",)), targets)
+        config = run_config(tiny_repo_compressed, out, source, repo=str(where))
+        anyio.run(run_harvest, config.replace(bands=("z",)), targets)
         outs.append(out)
-    _same_stacks(_stack(outs[0]), _stack(outs[1]))
+    same_stacks(read_stack(outs[0]), read_stack(outs[1]))

@@ -11,7 +11,8 @@ come from a Butler, as the plan asks for them (:meth:`~harvester.repo.Repository
   targets (the tutorial's spatial ``where`` costs about 10 ms a point, and
   points cannot be ORed). An image the Butler does not have is simply absent,
   so its targets are recorded ``no_coverage``, never a crash.
-* **URIs.** ``get_many_uris`` for every ref a query found, in one call; each URI
+* **URIs.** ``get_many_uris`` for every ref a query found, in one call (a
+  RemoteButler has no bulk call: one ``getURIs`` per ref, several at once); each URI
   is kept :attr:`~harvester.config.ButlerConfig.url_lifetime` seconds (the RSP
   presigns them for an hour), asked for again after that or when storage
   refuses it (:meth:`ButlerLookup.invalidate`).
@@ -35,6 +36,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ from ._build import skymap_hash
 
 __all__ = [
     "TRACTS_PER_QUERY",
+    "URI_THREADS",
     "ButlerLookup",
     "ButlerRepository",
     "butler_error",
@@ -59,6 +62,8 @@ __all__ = [
 
 #: Tracts per ``query_datasets`` (SQL IN-lists stay far below any bind limit).
 TRACTS_PER_QUERY = 500
+#: ``getURIs`` calls in flight for a Butler without a bulk call (a RemoteButler).
+URI_THREADS = 8
 #: Tries of a Butler call that failed transiently, and the first pause (doubling).
 _TRIES, _PAUSE = 4, 0.25
 
@@ -146,10 +151,12 @@ def _key(ref: Any) -> tuple[int, int, str]:
 
 @dataclass
 class LookupStats:
-    """Butler calls of a run: queries, URI calls, URIs, refreshes, images not found."""
+    """Butler calls of a run: queries, URI calls (of ``uri_method``), URIs, refreshes,
+    images not found."""
 
     queries: int = 0
     uri_calls: int = 0
+    uri_method: str = "get_many_uris"
     uris: int = 0
     refreshed: int = 0
     missing: int = 0
@@ -185,6 +192,7 @@ class ButlerLookup:
         self._complete = False  # every image is known (find_all ran)
         self._refs: dict[str, Any] = {}  # harvester id -> Butler DatasetRef
         self._uris: dict[str, tuple[str, float]] = {}  # id -> (URI, when fetched)
+        self._bulk = True  # get_many_uris works (not a RemoteButler)
 
     def find(self, keys: Collection[tuple[int, int, str]]) -> list[tuple[Any, str]]:
         """The Butler refs and URIs of those ``keys`` not asked for before."""
@@ -243,8 +251,7 @@ class ButlerLookup:
     def _fetch_uris(self, refs: list[Any]) -> dict[str, str]:
         if not refs:
             return {}
-        self.stats.uri_calls += 1
-        got = _call("get_many_uris", lambda: self.butler.get_many_uris(refs))
+        got = self._many_uris(refs)
         now = self.clock()
         out: dict[str, str] = {}
         for ref, uris in got.items():
@@ -258,6 +265,35 @@ class ButlerLookup:
             self._uris[key] = (out[key], now)
         self.stats.uris += len(out)
         return out
+
+    def _many_uris(self, refs: list[Any]) -> dict[Any, Any]:
+        """``{ref: DatasetRefURIs}``: one ``get_many_uris`` call where the Butler has one.
+
+        A RemoteButler (lsst-daf-butler 30.2026.43) has no bulk call: its
+        ``get_many_uris`` reaches for a local datastore and raises
+        ``AttributeError``. The server answers one ``GET get_file/{id}`` per ref
+        (~12 ms on loopback), so those are sent :data:`URI_THREADS` at a time.
+        """
+        if self._bulk:
+            self.stats.uri_calls += 1
+            try:
+                got: dict[Any, Any] = _call(
+                    "get_many_uris", lambda: self.butler.get_many_uris(refs)
+                )
+                return got
+            except RepositoryError as exc:
+                if not isinstance(exc.__cause__, AttributeError | NotImplementedError):
+                    raise
+                self.stats.uri_calls -= 1
+                self.stats.uri_method = "getURIs"
+                self._bulk = False
+        self.stats.uri_calls += len(refs)
+
+        def one(ref: Any) -> tuple[Any, Any]:
+            return ref, _call(f"getURIs({ref.id})", lambda: self.butler.getURIs(ref))
+
+        with ThreadPoolExecutor(min(URI_THREADS, len(refs))) as pool:
+            return dict(pool.map(one, refs))
 
     def uri(self, ref_id: str) -> str:
         """The image's URL (or local path), asked for again when older than ``url_lifetime``."""
@@ -323,7 +359,7 @@ class ButlerRepository(Repository):
         s = self.lookup.stats
         return [
             f"Butler             {self.where} ({', '.join(self.lookup.config.collections)})",
-            f"Butler queries     {s.queries} query_datasets, {s.uri_calls} get_many_uris "
+            f"Butler queries     {s.queries} query_datasets, {s.uri_calls} {s.uri_method} "
             f"({s.uris} URIs; {s.missing} images not in the Butler)",
         ]
 
