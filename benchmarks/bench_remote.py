@@ -119,6 +119,7 @@ def serve_child(spec: dict[str, Any]) -> None:
         multi_range=bool(spec["multi_range"]),
         latency_ms=float(spec.get("latency_ms", 0.0)),
         cutout_workers=int(spec.get("cutout_workers", 4)),
+        public_store=bool(spec.get("public_store", False)),
     )
     repo = load_repository(spec["repo"])
     profiler = cProfile.Profile() if spec.get("profile") else None

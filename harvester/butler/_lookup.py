@@ -295,6 +295,17 @@ class ButlerLookup:
         with ThreadPoolExecutor(min(URI_THREADS, len(refs))) as pool:
             return dict(pool.map(one, refs))
 
+    def fresh_uri(self, ref_id: str) -> str | None:
+        """The image's URI if it is known and younger than ``url_lifetime``, else None.
+
+        Never blocks (no lock, no Butler call): an event loop may call it for
+        every request, and go to a thread for :meth:`uri` only when it is None.
+        """
+        known = self._uris.get(ref_id)  # one dict read: atomic
+        if known is None or self.clock() - known[1] >= self.config.url_lifetime:
+            return None
+        return known[0]
+
     def uri(self, ref_id: str) -> str:
         """The image's URL (or local path), asked for again when older than ``url_lifetime``."""
         with self._lock:

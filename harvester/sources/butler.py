@@ -74,7 +74,10 @@ class ButlerLinks:
         pass  # the plan's URIs came in bulk with its queries
 
     async def links_for(self, ref: DatasetRef) -> Links:
-        url = await anyio.to_thread.run_sync(self.lookup.uri, ref.id)
+        # Asked for on every request: a thread only when the Butler must be asked.
+        url = self.lookup.fresh_uri(ref.id)
+        if url is None:
+            url = await anyio.to_thread.run_sync(self.lookup.uri, ref.id)
         return Links(id=ref.id, url=url, fetched=time.time())
 
     def refresh(self, ref: DatasetRef) -> None:
