@@ -3,8 +3,9 @@
 The public API is what this module exports; everything else is internal.
 """
 
+from ._tap_targets import targets_from_tap
 from ._version import __version__
-from .config import FetchConfig, GridConfig, RunConfig, load_config
+from .config import FetchConfig, GridConfig, RunConfig, TapConfig, load_config
 from .cutout import Cutout, CutoutBatch
 from .engine import Harvester, run
 from .errors import (
@@ -42,6 +43,7 @@ __all__ = [
     "Size",
     "SkyMap",
     "SkyMapConfig",
+    "TapConfig",
     "TargetError",
     "Targets",
     "TransientError",
@@ -51,4 +53,5 @@ __all__ = [
     "load_repository",
     "load_targets",
     "run",
+    "targets_from_tap",
 ]

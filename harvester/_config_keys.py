@@ -144,6 +144,10 @@ def _read_size(value: Any) -> Any:
     return parse_size(value)  # ValueError: its reason joins the message
 
 
+def _flag() -> _Key:
+    return _Key("true or false", lambda v: isinstance(v, bool))
+
+
 def _on_off(v: Any) -> Any:
     return ("on" if v else "off") if isinstance(v, bool) else v  # `multirange = true`
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -144,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
             description=helptext.capitalize() + ". Flags override the config file's keys.",
         )
         cmd.add_argument("config", nargs="?", help="run configuration (TOML)")
-        cmd.add_argument("--targets", help="target file, or random:N")
+        cmd.add_argument(
+            "--targets",
+            help="target file, random:N, an ADQL query ('adql:SELECT ...') or @file.adql",
+        )
         cmd.add_argument("--repo", help="repository folder")
         cmd.add_argument("--output", "-o", help="output folder")
         cmd.add_argument("--bands", help="bands, e.g. z or g,r,i")
@@ -177,9 +181,20 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--token", help="data service token (better: the ACCESS_TOKEN environment variable)"
         )
+        cmd.add_argument(
+            "--tap-url", help="TAP service of an ADQL target query (default: from discovery)"
+        )
+        cmd.add_argument(
+            "--allow-truncated",
+            action="store_true",
+            default=None,
+            help="take the first tap.maxrec rows of a query that has more (OVERFLOW)",
+        )
         if name == "run":
             cmd.add_argument(
-                "--fresh", action="store_true", help="discard earlier outputs and ledger first"
+                "--fresh",
+                action="store_true",
+                help="discard earlier outputs, ledger and TAP snapshot first (asks again)",
             )
             cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
         cmd.set_defaults(func=_cmd_run if name == "run" else _cmd_plan)
@@ -217,6 +232,8 @@ FLAGS = {
     "--token": "token",
     "--butler": "butler",
     "--collections": "collections",
+    "--tap-url": "tap_url",
+    "--allow-truncated": "allow_truncated",
 }
 
 
@@ -242,8 +259,19 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _show_tap_messages() -> None:
+    """TAP query messages (job, rows, pages, snapshot) on standard error."""
+    log = logging.getLogger("harvester.tap")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = _config(args)
+    _show_tap_messages()
 
     ledger = None if config.output is None else config.output / "ledger.sqlite"
 
@@ -262,6 +290,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
+    if not args.quiet:
+        _show_tap_messages()
     if args.fresh and config.output is not None:
         _clear_outputs(config.output)
     report = _harvest(config, quiet=args.quiet)
@@ -290,7 +320,7 @@ def _clear_outputs(out: Path) -> None:
 
     for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "stack.h5"):
         (out / name).unlink(missing_ok=True)
-    for folder in ("fits", "stack_parts"):
+    for folder in ("fits", "stack_parts", "tap"):
         shutil.rmtree(out / folder, ignore_errors=True)
     for page in out.glob("grid-*.png"):
         page.unlink()

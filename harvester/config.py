@@ -95,6 +95,7 @@ from ._config_keys import (
     _COLUMN_KEYS,
     BadValue,
     _choice,
+    _flag,
     _instance,
     _int,
     _Key,
@@ -120,6 +121,7 @@ __all__ = [
     "GridConfig",
     "RunConfig",
     "ServiceConfig",
+    "TapConfig",
     "apply_override",
     "load_config",
 ]
@@ -129,7 +131,10 @@ PLANES = ("image", "mask", "variance")
 BAND_NAMES = tuple("ugrizy")
 SOURCES = ("local", "http", "soda", "auto", "butler")
 TOKEN_ENV = ("ACCESS_TOKEN", "NUBLADO_TOKEN")
-SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler")
+SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler", "tap")
+#: Prefix of a target list given as an ADQL query (``--targets "adql:SELECT ..."``);
+#: ``@file.adql`` names a file that holds one.
+ADQL_PREFIX = "adql:"
 
 
 # ---- the value objects ---------------------------------------------------------------
@@ -305,6 +310,43 @@ class ButlerConfig:
 
 
 @dataclass(frozen=True)
+class TapConfig:
+    """How a target list given as an ADQL query is fetched (``[tap]``; see :mod:`harvester._tap`).
+
+    ``url``: the TAP service (empty: the discovery document's ``tap`` service of
+    ``service.url``, else ``{service.url}/api/tap``); ``mode``: an ``async`` UWS job
+    (the tutorials' way; long queries survive) or ``sync``; ``maxrec``: the most
+    rows a run takes, always sent as MAXREC (more is OVERFLOW: the run stops
+    unless ``allow_truncated``); ``page_size``: rows per request (0: the service's
+    hard limit from its capabilities), past which a query is fetched in keyset
+    pages by its id column; ``wait``: seconds a job may take.
+    """
+
+    KEYS: ClassVar[Mapping[str, _Key]] = {
+        "url": _Key(
+            "an http:// or https:// URL, or ''",
+            lambda v: isinstance(v, str) and (v == "" or v.startswith(("http://", "https://"))),
+        ),
+        "mode": _choice("async", "sync"),
+        "maxrec": _int(1),
+        "page_size": _int(0),
+        "allow_truncated": _flag(),
+        "wait": _num(0, above=True),
+    }
+
+    url: str = ""
+    mode: Literal["async", "sync"] = "async"
+    maxrec: int = 10_000_000
+    page_size: int = 0
+    allow_truncated: bool = False
+    wait: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _validate("tap", self.KEYS, self)
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a harvest needs to know.
 
@@ -313,7 +355,9 @@ class RunConfig:
     repo : Path
         The local repository (``harvester synth`` builds one).
     targets : str or None
-        A target file, or ``random:N`` for N random targets over the repository.
+        A target file, ``random:N`` for N random targets over the repository, or an
+        ADQL query run on a TAP service (``adql:SELECT ...``, or ``@file.adql``;
+        ``[targets] query`` in TOML): see :class:`TapConfig`.
     output : Path or None
         Output folder: ``ledger.sqlite``, ``fits/``, ``stack.h5``, ``grid-*.png``.
         None streams cutouts to the caller only (no ledger, no files, no resume).
@@ -333,12 +377,14 @@ class RunConfig:
         The data service of the remote sources.
     butler : ButlerConfig
         The Butler of the ``butler`` source.
+    tap : TapConfig
+        How a target query is fetched.
     """
 
     KEYS: ClassVar[Mapping[str, _Key]] = {
         "repo": _path("a folder path (a string)"),
         "targets": _Key(
-            "a target file path or 'random:N'",
+            "a target file path, 'random:N', 'adql:SELECT ...' or '@query.adql'",
             lambda v: isinstance(v, str) and v != "",
             lambda v: str(v) if isinstance(v, os.PathLike) else v,
             optional=True,
@@ -370,6 +416,7 @@ class RunConfig:
         "source": _choice(*SOURCES),
         "service": _instance(ServiceConfig),
         "butler": _instance(ButlerConfig),
+        "tap": _instance(TapConfig),
     }
 
     repo: Path = Path("data/ecdfs")
@@ -388,6 +435,7 @@ class RunConfig:
     source: Literal["local", "http", "soda", "auto", "butler"] = "local"
     service: ServiceConfig = ServiceConfig()
     butler: ButlerConfig = ButlerConfig()
+    tap: TapConfig = TapConfig()
 
     def __post_init__(self) -> None:
         _validate("run", self.KEYS, self)
@@ -424,6 +472,7 @@ _NESTED: dict[str, Any] = {
     "grid": GridConfig,
     "service": ServiceConfig,
     "butler": ButlerConfig,
+    "tap": TapConfig,
 }
 
 #: The keyword overrides of :func:`load_config` (the flags of ``harvester run``):
@@ -435,6 +484,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "token": ("service", "token"),
     "butler": ("butler", "repo"),
     "collections": ("butler", "collections"),
+    "tap_url": ("tap", "url"),
+    "allow_truncated": ("tap", "allow_truncated"),
 }
 
 
@@ -503,7 +554,16 @@ def _build(doc: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"unknown key run.{key} (use the [{section}] section)")
     run_keys = {k: v for k, v in RunConfig.KEYS.items() if k not in ("columns", *_NESTED)}
     values = _section("run", run_keys, run_doc)
-    values["columns"] = ColumnNames(**_section("targets", _COLUMN_KEYS, doc.get("targets", {})))
+    targets_doc = doc.get("targets", {})
+    if isinstance(targets_doc, dict) and "query" in targets_doc:
+        targets_doc = dict(targets_doc)
+        query = targets_doc.pop("query")
+        if not isinstance(query, str) or not query.strip():
+            raise BadValue("targets.query", query, "wanted an ADQL query (a non-empty string)")
+        if values.get("targets") is not None:
+            raise ConfigError("give run.targets or targets.query, not both")
+        values["targets"] = ADQL_PREFIX + query.strip()
+    values["columns"] = ColumnNames(**_section("targets", _COLUMN_KEYS, targets_doc))
     for name, cls in _NESTED.items():
         values[name] = cls(**_section(name, cls.KEYS, doc.get(name, {})))
     return RunConfig(**values)

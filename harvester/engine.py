@@ -30,6 +30,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._pipeline import MAX_BATCH_BYTES, BatchResult, HarvestRun, ProgressHook, RunContext
+from ._tap_targets import load_query_targets, query_text
 from .config import RunConfig
 from .cutout import Cutout, CutoutBatch
 from .errors import ConfigError, HarvesterError
@@ -60,6 +61,10 @@ def load_run_targets(
 ) -> Targets:
     """Load and validate a run's targets (``config.targets`` when None); blocking.
 
+    A target list may be a file, ``random:N``, or an ADQL query (``adql:...``,
+    ``@file.adql``): that one is asked of the TAP service once and kept in the
+    output folder (see :mod:`harvester._tap_targets`).
+
     Raises
     ------
     ConfigError
@@ -74,6 +79,8 @@ def load_run_targets(
         raise ConfigError("no targets: give a target list or set run.targets")
     if isinstance(source, str) and source.startswith("random:"):
         return random_targets(repo, source, config.seed)
+    if isinstance(source, str) and (query := query_text(source)) is not None:
+        return load_query_targets(config, repo, query)
     return load_targets(
         source,
         columns=config.columns,

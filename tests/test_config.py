@@ -18,6 +18,7 @@ from harvester.config import (
     GridConfig,
     RunConfig,
     ServiceConfig,
+    TapConfig,
     apply_override,
     load_config,
 )
@@ -123,18 +124,27 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "skymap": ('"ops_rings_v1"', "ops_rings_v1"),
         "url_lifetime": ("60", 60.0),
     },
+    "tap": {
+        "url": ('"http://127.0.0.1:8080/api/tap/"', "http://127.0.0.1:8080/api/tap"),
+        "mode": ('"sync"', "sync"),
+        "maxrec": ("500", 500),
+        "page_size": ("100", 100),
+        "allow_truncated": ("true", True),
+        "wait": ("10", 10.0),
+    },
 }
 
 
 def test_every_key_has_a_case() -> None:
     fields = {
         "run": {f.name for f in dataclasses.fields(RunConfig)}
-        - {"columns", "fetch", "grid", "service", "butler"},
+        - {"columns", "fetch", "grid", "service", "butler", "tap"},
         "targets": {f.name for f in dataclasses.fields(ColumnNames)},
         "fetch": {f.name for f in dataclasses.fields(FetchConfig)},
         "grid": {f.name for f in dataclasses.fields(GridConfig)},
         "service": {f.name for f in dataclasses.fields(ServiceConfig)},
         "butler": {f.name for f in dataclasses.fields(ButlerConfig)},
+        "tap": {f.name for f in dataclasses.fields(TapConfig)},
     }
     assert {s: set(keys) for s, keys in EVERY_KEY.items()} == fields
     assert {s: set(keys) for s, keys in WRONG_TYPES.items()} == fields
@@ -160,7 +170,7 @@ def test_every_key_is_read(tmp_path: Path, section: str, key: str) -> None:
 WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
     "run": {
         "repo": [("5", "a folder path"), ('""', "a folder path"), ("[]", "a folder path")],
-        "targets": [("3", "a target file path or 'random:N'"), ("true", "a target file")],
+        "targets": [("3", "a target file path, 'random:N', 'adql:SELECT"), ("true", "a target")],
         "output": [("true", "a folder path"), ("1.5", "a folder path")],
         "bands": [("5", "distinct bands"), ("[1, 2]", "distinct bands"), ('"q"', "distinct")],
         "size": [("[1, 2]", "a side: pixels (50 or '50') or an angle"), ("true", "a side")],
@@ -213,6 +223,14 @@ WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "dataset_type": [('""', "a non-empty string"), ("1", "a non-empty string")],
         "skymap": [("1", "a sky map name"), ("true", "a sky map name")],
         "url_lifetime": [("0", "a number > 0"), ('"1h"', "a number > 0")],
+    },
+    "tap": {
+        "url": [("5", "an http:// or https:// URL, or ''"), ('"tap.example"', "an http://")],
+        "mode": [('"fast"', "one of 'async', 'sync'"), ("true", "one of")],
+        "maxrec": [("0", "an integer >= 1"), ("1.5", "an integer >= 1")],
+        "page_size": [("-1", "an integer >= 0"), ('"1k"', "an integer >= 0")],
+        "allow_truncated": [('"yes"', "true or false"), ("1", "true or false")],
+        "wait": [("0", "a number > 0"), ('"1h"', "a number > 0")],
     },
 }
 
@@ -313,3 +331,17 @@ def test_overrides_apply_in_order_and_read_like_toml(tmp_path: Path) -> None:
         apply_override(config, "bands", "g,z")
     assert info.value.key == "grid.rgb"  # the clash is named by the key it breaks
     assert set(OVERRIDES) >= {"bands", "output", "concurrency", "token", "service_url"}
+
+
+def test_a_query_in_the_targets_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[targets]\nid = "oid"\nquery = """\nSELECT oid, ra, dec FROM t\n"""\n')
+    config = load_config(path)
+    assert config.targets == "adql:SELECT oid, ra, dec FROM t"
+    assert config.columns.id == "oid"
+    path.write_text('[run]\ntargets = "a.csv"\n[targets]\nquery = "SELECT 1 FROM t"\n')
+    with pytest.raises(ConfigError, match="give run.targets or targets.query, not both"):
+        load_config(path)
+    path.write_text("[targets]\nquery = 3\n")
+    with pytest.raises(ConfigError, match=r"targets\.query: 3 \(wanted an ADQL query"):
+        load_config(path)
