@@ -79,6 +79,22 @@ The ``[service]`` section (all keys optional)::
 
 The token is also read from the command line (``--token``), though the
 environment keeps it out of the process list.
+
+Scale-out on Dask
+-----------------
+``run.engine = "dask"`` (``harvester run --engine dask``) runs the harvest in
+shards on a Dask cluster (``pip install 'harvester[dask]'``); the ``[dask]``
+section (all keys optional)::
+
+    [dask]
+    scheduler = ""                    # "tcp://host:8786"; empty: a LocalCluster for the run
+    scheduler_file = ""               # or a scheduler file (dask-jobqueue, dask-mpi)
+    workers = 2                       # the LocalCluster's workers ...
+    threads_per_worker = 1            # ... and shards each runs at once
+    processes = true                  # LocalCluster workers in processes (false: threads)
+    dashboard = ":8787"               # the LocalCluster's dashboard address ("": none)
+    shard_size = 4096                 # targets per shard (whole image groups)
+    window = 2                        # shards in flight per worker thread
 """
 
 from __future__ import annotations
@@ -116,6 +132,7 @@ __all__ = [
     "OVERRIDES",
     "BadValue",
     "ButlerConfig",
+    "DaskConfig",
     "FetchConfig",
     "GridConfig",
     "RunConfig",
@@ -129,7 +146,8 @@ PLANES = ("image", "mask", "variance")
 BAND_NAMES = tuple("ugrizy")
 SOURCES = ("local", "http", "soda", "auto", "butler")
 TOKEN_ENV = ("ACCESS_TOKEN", "NUBLADO_TOKEN")
-SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler")
+SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler", "dask")
+ENGINES = ("local", "dask")
 
 
 # ---- the value objects ---------------------------------------------------------------
@@ -305,6 +323,47 @@ class ButlerConfig:
 
 
 @dataclass(frozen=True)
+class DaskConfig:
+    """The Dask engine (``run.engine = "dask"``); see the module docstring.
+
+    ``scheduler`` (an address) or ``scheduler_file`` names a running cluster;
+    with neither, a ``LocalCluster`` of ``workers`` x ``threads_per_worker`` (in
+    processes unless ``processes`` is false, its dashboard at ``dashboard``)
+    starts and stops with the run. A worker thread runs one shard at a time; a
+    shard holds about ``shard_size`` targets (whole image groups); the driver
+    keeps ``window`` shards per worker thread in flight.
+    """
+
+    KEYS: ClassVar[Mapping[str, _Key]] = {
+        "scheduler": _Key(
+            "a scheduler address such as 'tcp://host:8786' (a string; '' for none)",
+            lambda v: isinstance(v, str) and (v == "" or "://" in v or ":" in v),
+        ),
+        "scheduler_file": _Key("a file path (a string; '' for none)", lambda v: isinstance(v, str)),
+        "workers": _int(1, 1024),
+        "threads_per_worker": _int(1, 256),
+        "processes": _Key("true or false", lambda v: isinstance(v, bool)),
+        "dashboard": _Key(
+            "an address such as ':8787' (a string; '' for none)", lambda v: isinstance(v, str)
+        ),
+        "shard_size": _int(1, 10_000_000),
+        "window": _int(1, 100),
+    }
+
+    scheduler: str = ""
+    scheduler_file: str = ""
+    workers: int = 2
+    threads_per_worker: int = 1
+    processes: bool = True
+    dashboard: str = ":8787"
+    shard_size: int = 4096
+    window: int = 2
+
+    def __post_init__(self) -> None:
+        _validate("dask", self.KEYS, self)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a harvest needs to know.
 
@@ -333,6 +392,10 @@ class RunConfig:
         The data service of the remote sources.
     butler : ButlerConfig
         The Butler of the ``butler`` source.
+    engine : "local" or "dask"
+        One process (asyncio), or shards on a Dask cluster (``dask``).
+    dask : DaskConfig
+        The Dask engine's cluster and shards.
     """
 
     KEYS: ClassVar[Mapping[str, _Key]] = {
@@ -370,6 +433,8 @@ class RunConfig:
         "source": _choice(*SOURCES),
         "service": _instance(ServiceConfig),
         "butler": _instance(ButlerConfig),
+        "engine": _choice(*ENGINES),
+        "dask": _instance(DaskConfig),
     }
 
     repo: Path = Path("data/ecdfs")
@@ -388,6 +453,8 @@ class RunConfig:
     source: Literal["local", "http", "soda", "auto", "butler"] = "local"
     service: ServiceConfig = ServiceConfig()
     butler: ButlerConfig = ButlerConfig()
+    engine: Literal["local", "dask"] = "local"
+    dask: DaskConfig = DaskConfig()
 
     def __post_init__(self) -> None:
         _validate("run", self.KEYS, self)
@@ -424,6 +491,7 @@ _NESTED: dict[str, Any] = {
     "grid": GridConfig,
     "service": ServiceConfig,
     "butler": ButlerConfig,
+    "dask": DaskConfig,
 }
 
 #: The keyword overrides of :func:`load_config` (the flags of ``harvester run``):
@@ -435,6 +503,9 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "token": ("service", "token"),
     "butler": ("butler", "repo"),
     "collections": ("butler", "collections"),
+    "scheduler": ("dask", "scheduler"),
+    "workers": ("dask", "workers"),
+    "shard_size": ("dask", "shard_size"),
 }
 
 
