@@ -114,9 +114,9 @@ class HarvestRun:
         self.ledger = resumed.ledger
         #: Where batches are recorded: the ledger, or a shard's collector.
         self.recorder: Recorder | None = resumed.ledger
-        #: Positions of the plan's targets in the list the ledger and outputs name
-        #: (a shard's targets are part of the driver's plan); None: the plan's own.
-        self.positions: npt.NDArray[np.int64] | None = None
+        #: Positions of the plan's targets in the target list, which the ledger and
+        #: outputs name (a resumed run's plan, a shard's); None: the plan's own.
+        self.positions: npt.NDArray[np.int64] | None = resumed.positions
         self.fits: FitsSink | None = None
         self.stack: StackSink | None = None
         self.processed = 0
@@ -291,7 +291,7 @@ class HarvestRun:
         finished = result.finished
         groups: list[Results] = []
         if batch is not None and len(batch):
-            if self.positions is not None:  # a shard's: name targets by the driver's plan
+            if self.positions is not None:  # resumed, or a shard: positions in the list
                 batch.index = self.positions[batch.index]
             outputs = self.fits.write(batch) if self.fits is not None else None
             if self.stack is not None:

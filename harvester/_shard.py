@@ -141,6 +141,8 @@ def make_shards(run: HarvestRun, shard_size: int, name: str = "") -> Iterator[Sh
     for number, group in enumerate(shard_batches(batches, shard_size)):
         positions = np.concatenate([b.index for b in group])
         targets = plan.targets.take(positions)
+        if run.positions is not None:  # a resumed run: positions in the whole list
+            positions = run.positions[positions]
         mine = {i: prior[i] for i in targets.id.tolist() if i in prior} if prior else {}
         spec = ShardSpec(
             key=f"shard-{run_id}-{number}{name}",

@@ -179,6 +179,16 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             cmd.add_argument(
+                "--engine",
+                choices=("local", "dask"),
+                help="one process (local), or shards on a Dask cluster (dask; see [dask])",
+            )
+            cmd.add_argument(
+                "--scheduler", help="Dask scheduler address (tcp://host:8786; default: local)"
+            )
+            cmd.add_argument("--workers", type=int, help="workers of the local Dask cluster")
+            cmd.add_argument("--shard-size", type=int, help="targets per Dask shard")
+            cmd.add_argument(
                 "--fresh", action="store_true", help="discard earlier outputs and ledger first"
             )
             cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -217,6 +227,10 @@ FLAGS = {
     "--token": "token",
     "--butler": "butler",
     "--collections": "collections",
+    "--engine": "engine",
+    "--scheduler": "scheduler",
+    "--workers": "workers",
+    "--shard-size": "shard_size",
 }
 
 
@@ -229,7 +243,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     """
     config = load_config(args.config)
     for flag, name in FLAGS.items():
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # `plan` has no --engine
         if value is None:
             continue
         try:
@@ -268,18 +282,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 3 if report.counts.get("failed") else 0
 
 
+class _Progress:
+    """The run's progress hook: one bar, made when the total is known; with the
+    Dask engine it also shows where the cluster is (its dashboard)."""
+
+    def __init__(self) -> None:
+        self.bar: ProgressBar | None = None
+        self.note = ""
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = ProgressBar(total)
+        self.bar.update(done, self.note)
+
+    def cluster(self, text: str) -> None:
+        self.note = text
+        print(f"harvester: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close(self.note)
+
+
 def _harvest(config: RunConfig, quiet: bool = False) -> Report:
-    bar: ProgressBar | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = ProgressBar(total)
-        bar.update(done)
-
+    progress = _Progress()
     report = run(config, progress=None if quiet else progress)
-    if bar is not None:
-        bar.close()
+    progress.close()
     print("\n".join(report.lines()))
     return report
 
