@@ -237,7 +237,11 @@ async def test_quota_held_across_workers_as_the_server_counts(
         starts = np.array(sorted(r.time for r in srv.received if r.kind == "cutout"))
     assert report.counts.get("ok", 0) + report.counts.get("partial", 0) == len(targets)
     assert len(used) == 2, used  # both workers took shards
-    assert stats[("cutout", 429)] == 0 and len(starts) >= 2 * len(targets)
+    # A worker's slot can land one arrival-jitter early in the server's fixed window
+    # (one worker cannot see what another's answers said was left): then the 429's
+    # Retry-After pauses every worker, and the retry loses nothing (all done above).
+    # Without the cluster's bucket, two workers at the quota each draw dozens.
+    assert stats[("cutout", 429)] <= 2 and len(starts) >= 2 * len(targets)
     # As test_soda_source's quota test: never more than the quota in any window, less
     # an allowance for uneven arrival stamps on a loaded machine.
     span = window * 0.8
