@@ -98,6 +98,8 @@ class DaskEngine:
         self.workers = 1
         self.dashboard: str | None = None
         self.stats = DaskStats()
+        #: The worker plugin's name: one per engine, so runs on one cluster never mix.
+        self.plugin = f"harvester-{secrets.token_hex(4)}"
 
     async def __aenter__(self) -> DaskEngine:
         try:
@@ -114,6 +116,11 @@ class DaskEngine:
             self.workers, self.slots = len(threads), sum(threads)
             running = "dashboard" in (info.get("services") or {})
             self.dashboard = client.dashboard_link if running else None
+            # Now, not per run: each worker imports harvester and opens the source
+            # (seconds, in a fresh process) before the first shard is timed.
+            plugin = HarvestPlugin(self.plugin, self.worker_config(), self.workers)
+            await client.register_plugin(plugin)
+            self._stack.push_async_callback(self._unregister)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._stack.aclose()
@@ -163,18 +170,16 @@ class DaskEngine:
         fetch = FetchConfig(**{**dataclasses.asdict(c.fetch), "rate": rate})
         return c.replace(repo=Path(c.repo).resolve(), output=out, fetch=fetch)
 
+    async def _unregister(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.client.unregister_worker_plugin(self.plugin)
+
     async def run(self, run: HarvestRun) -> DaskStats:
         """Run ``run``'s plan in shards; its ledger is written as they come back."""
         if self.client is None:
             raise RuntimeError("use `async with DaskEngine(...)` first")
-        client: Any = self.client
-        name = f"harvester-{secrets.token_hex(4)}"
-        await client.register_plugin(HarvestPlugin(name, self.worker_config(), self.workers))
-        try:
-            await self._shards(client, run, name)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await client.unregister_worker_plugin(name)
+        self.stats = DaskStats()
+        await self._shards(self.client, run, self.plugin)
         return self.stats
 
     async def _shards(self, client: Any, run: HarvestRun, plugin: str) -> None:
