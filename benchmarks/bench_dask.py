@@ -221,7 +221,9 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     a, b, c = res.get("a"), res.get("b"), res.get("c")
     if a:
-        out.append({"check": "a: dask >= 85 % of local", "value": a["ratio"], "ok": a["ratio"] >= 0.85})
+        out.append(
+            {"check": "a: dask >= 85 % of local", "value": a["ratio"], "ok": a["ratio"] >= 0.85}
+        )
     if b:
         worst = min(r["of_linear"] for r in b["workers"].values())
         out.append({"check": "b: >= 0.8 x linear", "value": worst, "ok": worst >= 0.8})

@@ -104,6 +104,13 @@ class Harvester:
 
         butler = Butler("dp1", collections="LSSTComCam/DP1")
         async with Harvester(config.replace(source="butler"), butler=butler) as h: ...
+
+    ``client``, an asynchronous ``distributed.Client``, runs :meth:`run` in shards
+    on its cluster (as ``run.engine = "dask"`` does with ``[dask]``'s cluster);
+    the client is not closed here::
+
+        async with Client(address, asynchronous=True) as client:
+            async with Harvester(config, client=client) as h: ...
     """
 
     def __init__(

@@ -6,8 +6,8 @@ running the stages itself when ``run.engine = "dask"`` or it was given a client:
 1. it connects to ``dask.scheduler`` (or ``dask.scheduler_file``), uses the
    client it was given, or starts a ``LocalCluster`` that stops with it;
 2. it registers :class:`~._limits.RatePlugin` on the scheduler (the quota
-   buckets) and, per run, a :class:`~._worker.HarvestPlugin` (each worker's
-   source), with the configuration's paths made absolute;
+   buckets) and, once, a :class:`~._worker.HarvestPlugin` (each worker's source),
+   with the configuration's paths made absolute;
 3. it cuts the prepared run into shards lazily (:func:`harvester._shard.
    make_shards`) and keeps ``window`` shards per worker thread in flight:
    ``as_completed`` and ``add``, so the driver holds the plan and a window of
