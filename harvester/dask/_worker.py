@@ -30,7 +30,7 @@ from .._pipeline import RunContext
 from .._shard import ShardResult, ShardSpec, run_shard
 from ..config import RunConfig
 from ..errors import HarvesterError
-from ..sources.base import Source
+from ..sources.base import BufferPool, Source
 from ..sources.open import open_repository_and_source, retry_policy
 from ._limits import ClusterLimits, scheduler_calls
 
@@ -44,6 +44,7 @@ class WorkerState:
     context: RunContext
     source: Source
     limits: ClusterLimits
+    buffers: BufferPool
 
 
 class HarvestPlugin(WorkerPlugin):
@@ -76,7 +77,10 @@ class HarvestPlugin(WorkerPlugin):
         limits = ClusterLimits(self.config.service.url, self.workers, reserve, penalize)
         repo, source = await open_repository_and_source(self.config, None, limits)
         context = RunContext(config=self.config, repo=repo, retry=retry_policy(self.config))
-        self._states[worker.address] = WorkerState(context, source, limits)
+        # One pool for the worker's shards: batches in flight, per shard at once.
+        slots = int(getattr(worker.state, "nthreads", 1) or 1)
+        buffers = BufferPool(keep=(self.config.fetch.concurrency + 1) * slots)
+        self._states[worker.address] = WorkerState(context, source, limits, buffers)
 
     async def teardown(self, worker: Any) -> None:
         state = self._states.pop(worker.address, None)
@@ -100,5 +104,5 @@ async def harvest_shard(plugin: str, spec: ShardSpec) -> ShardResult:
     if not isinstance(found, HarvestPlugin):
         raise HarvesterError(f"worker {worker.address}: no harvester plugin {plugin!r}")
     state = found.state(worker.address)
-    result = await run_shard(state.context, state.source, spec)
+    result = await run_shard(state.context, state.source, spec, state.buffers)
     return dataclasses.replace(result, worker=worker.address)
