@@ -35,7 +35,7 @@ from ._resume import Resumed, resume
 from .config import RunConfig
 from .cutout import COVERAGE_STATUSES, CutoutBatch
 from .errors import OutageError
-from .ledger import BatchRecord, Results
+from .ledger import BatchRecord, Recorder, Results
 from .limits import RateLimiter, RetryPolicy, isolate
 from .plan import BatchSpec, Plan, make_plan
 from .repo import Repository
@@ -112,6 +112,11 @@ class HarvestRun:
         self.plan = plan
         self.resumed = resumed
         self.ledger = resumed.ledger
+        #: Where batches are recorded: the ledger, or a shard's collector.
+        self.recorder: Recorder | None = resumed.ledger
+        #: Positions of the plan's targets in the target list, which the ledger and
+        #: outputs name (a resumed run's plan, a shard's); None: the plan's own.
+        self.positions: npt.NDArray[np.int64] | None = resumed.positions
         self.fits: FitsSink | None = None
         self.stack: StackSink | None = None
         self.processed = 0
@@ -142,15 +147,28 @@ class HarvestRun:
             release_free_memory()
             run = cls(ctx, targets, plan, resumed)
             if resumed.ledger is not None and config.output is not None:
-                run._open_sinks(config.output, resumed.ledger.run_id or 0)
+                run.open_sinks(config.output, resumed.ledger.run_id or 0)
         except BaseException:
             resumed.close()
             raise
         return run
 
-    def _open_sinks(self, out: Path, run_id: int) -> None:
-        # A run killed with -9 can leave temporary files (never final names); drop them.
-        for folder in (out, out / "fits", out / "stack_parts"):
+    def open_sinks(
+        self,
+        out: Path,
+        run_id: int,
+        *,
+        sweep: bool = True,
+        part_tag: str = "",
+        id_width: tuple[bool, int] | None = None,
+    ) -> None:
+        """Open the FITS and stack sinks of ``config.formats`` in ``out`` (blocking).
+
+        ``sweep``: first drop temporary files a killed run left (never final names);
+        a shard of a distributed run does not, as other shards are writing theirs.
+        ``part_tag`` and ``id_width`` go to :class:`~harvester.sinks.stack.StackSink`.
+        """
+        for folder in (out, out / "fits", out / "stack_parts") if sweep else ():
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
                 tmp.unlink(missing_ok=True)
         formats = set(self.config.formats)
@@ -168,7 +186,13 @@ class HarvestRun:
             sides, counts = np.unique(self.plan.side, return_counts=True)
             rows = {(int(s), int(s)): int(c) for s, c in zip(sides, counts, strict=True)}
             self.stack = StackSink(
-                out, run_id, self.plan.targets.id, rows, writers=self.config.fetch.concurrency
+                out,
+                run_id,
+                self.plan.targets.id,
+                rows,
+                writers=self.config.fetch.concurrency,
+                tag=part_tag,
+                id_width=id_width,
             )
             self.stack.open()
 
@@ -267,6 +291,8 @@ class HarvestRun:
         finished = result.finished
         groups: list[Results] = []
         if batch is not None and len(batch):
+            if self.positions is not None:  # resumed, or a shard: positions in the list
+                batch.index = self.positions[batch.index]
             outputs = self.fits.write(batch) if self.fits is not None else None
             if self.stack is not None:
                 part, part_first, part_rows = self.stack.write(batch)
@@ -275,7 +301,7 @@ class HarvestRun:
             counts = np.bincount(codes, minlength=len(COVERAGE_STATUSES)).tolist()
             tally.update({name: k for name, k in zip(COVERAGE_STATUSES, counts, strict=True) if k})
             coverage = batch.coverage
-            ids = t.id[batch.index].tolist()
+            ids = batch.ids.tolist()
             groups.append(
                 Results(
                     id=ids,
@@ -305,6 +331,8 @@ class HarvestRun:
                 a for (_, _, a), n in zip(result.failures, sizes, strict=True) for _ in range(n)
             ]
             ids = t.id[idx].tolist()
+            if self.positions is not None:
+                idx = self.positions[idx]
             tally["failed"] += len(idx)
             with self._count_lock:
                 self.failures += list(zip(ids, errors, strict=True))
@@ -317,12 +345,12 @@ class HarvestRun:
                     attempts=self._cumulative(ids, tries),
                 )
             )
-        if self.ledger is not None:
+        if self.recorder is not None:
             spec = result.spec
-            self.ledger.record(
+            self.recorder.record(
                 BatchRecord(
-                    batch=self.ledger.new_batch(),
-                    run=self.ledger.run_id,
+                    batch=self.recorder.new_batch(),
+                    run=self.recorder.run_id,
                     tract=spec.tract,
                     patch=spec.patch,
                     side=spec.side,
@@ -340,6 +368,11 @@ class HarvestRun:
             self.processed += len(batch) if batch is not None else 0
             self.counts.update(tally)
         return batch
+
+    def fail(self, spec: BatchSpec, error: str, attempts: int) -> None:
+        """Record a batch's targets as ``failed`` with ``error``, unread (blocking)."""
+        now = time.time()
+        self._write(BatchResult(spec, None, attempts, now, now, [(spec.index, error, attempts)]))
 
     def _cumulative(self, ids: list[str], this_run: int | list[int]) -> int | list[int] | None:
         """``attempts`` over all runs for ``ids``; None when it is the batch's own.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import numpy as np
+import numpy.typing as npt
 
 from ._os import lock_output
 from .config import RunConfig
@@ -31,14 +32,17 @@ class Resumed:
 
     ``todo``: the targets to do; ``skipped``: how many an earlier run did;
     ``earlier``: their statuses; ``prior_attempts``: attempts so far of the ids
-    earlier runs tried without success. ``ledger`` and ``lock`` are None when
-    the run writes no outputs.
+    earlier runs tried without success; ``positions``: where each of ``todo``
+    is in the target list (None: ``todo`` is the whole list), so the ledger's
+    ``idx`` and the outputs' index stay positions in the list on a resumed run.
+    ``ledger`` and ``lock`` are None when the run writes no outputs.
     """
 
     todo: Targets
     skipped: int = 0
     earlier: Counter[str] = field(default_factory=Counter)
     prior_attempts: dict[str, int] = field(default_factory=dict)
+    positions: npt.NDArray[np.int64] | None = None
     ledger: Ledger | None = None
     lock: IO[str] | None = None
 
@@ -89,6 +93,7 @@ def resume(config: RunConfig, targets: Targets) -> Resumed:
             found.skipped = len(targets) - len(todo)
             if found.skipped:
                 found.todo = targets.take(todo)
+                found.positions = todo.astype(np.int64)
             found.earlier = Counter(done[i] for i in targets.id[is_done].tolist())
     except BaseException:
         found.close()

@@ -22,7 +22,7 @@ from ._version import __version__
 from .config import OVERRIDES, BadValue, GridConfig, RunConfig, apply_override, load_config
 from .engine import Harvester, run
 from .errors import HarvesterError
-from .progress import ProgressBar
+from .progress import RunProgress
 from .repo import Repository
 from .report import Report
 from .skymap import SkyMap
@@ -192,6 +192,16 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             cmd.add_argument(
+                "--engine",
+                choices=("local", "dask"),
+                help="one process (local), or shards on a Dask cluster (dask; see [dask])",
+            )
+            cmd.add_argument(
+                "--scheduler", help="Dask scheduler address (tcp://host:8786; default: local)"
+            )
+            cmd.add_argument("--workers", type=int, help="workers of the local Dask cluster")
+            cmd.add_argument("--shard-size", type=int, help="targets per Dask shard")
+            cmd.add_argument(
                 "--fresh",
                 action="store_true",
                 help="discard earlier outputs, ledger and TAP snapshot first (asks again)",
@@ -234,6 +244,10 @@ FLAGS = {
     "--collections": "collections",
     "--tap-url": "tap_url",
     "--allow-truncated": "allow_truncated",
+    "--engine": "engine",
+    "--scheduler": "scheduler",
+    "--workers": "workers",
+    "--shard-size": "shard_size",
 }
 
 
@@ -246,7 +260,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     """
     config = load_config(args.config)
     for flag, name in FLAGS.items():
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # `plan` has no --engine
         if value is None:
             continue
         try:
@@ -299,17 +313,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _harvest(config: RunConfig, quiet: bool = False) -> Report:
-    bar: ProgressBar | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = ProgressBar(total)
-        bar.update(done)
-
+    progress = RunProgress()
     report = run(config, progress=None if quiet else progress)
-    if bar is not None:
-        bar.close()
+    progress.close()
     print("\n".join(report.lines()))
     return report
 

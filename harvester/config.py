@@ -79,6 +79,22 @@ The ``[service]`` section (all keys optional)::
 
 The token is also read from the command line (``--token``), though the
 environment keeps it out of the process list.
+
+Scale-out on Dask
+-----------------
+``run.engine = "dask"`` (``harvester run --engine dask``) runs the harvest in
+shards on a Dask cluster (``pip install 'harvester[dask]'``); the ``[dask]``
+section (all keys optional)::
+
+    [dask]
+    scheduler = ""                    # "tcp://host:8786"; empty: a LocalCluster for the run
+    scheduler_file = ""               # or a scheduler file (dask-jobqueue, dask-mpi)
+    workers = 2                       # the LocalCluster's workers ...
+    threads_per_worker = 1            # ... and shards each runs at once
+    processes = true                  # LocalCluster workers in processes (false: threads)
+    dashboard = ":8787"               # the LocalCluster's dashboard address ("": none)
+    shard_size = 4096                 # targets per shard (whole image groups)
+    window = 2                        # shards in flight per worker thread
 """
 
 from __future__ import annotations
@@ -95,7 +111,6 @@ from ._config_keys import (
     _COLUMN_KEYS,
     BadValue,
     _choice,
-    _flag,
     _instance,
     _int,
     _Key,
@@ -110,6 +125,7 @@ from ._config_keys import (
     _text,
     _validate,
 )
+from ._config_sections import ButlerConfig, DaskConfig, TapConfig
 from .errors import ConfigError
 from .targets import ColumnNames, Size
 
@@ -117,6 +133,7 @@ __all__ = [
     "OVERRIDES",
     "BadValue",
     "ButlerConfig",
+    "DaskConfig",
     "FetchConfig",
     "GridConfig",
     "RunConfig",
@@ -131,10 +148,11 @@ PLANES = ("image", "mask", "variance")
 BAND_NAMES = tuple("ugrizy")
 SOURCES = ("local", "http", "soda", "auto", "butler")
 TOKEN_ENV = ("ACCESS_TOKEN", "NUBLADO_TOKEN")
-SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler", "tap")
+SECTIONS = ("run", "targets", "fetch", "grid", "service", "butler", "tap", "dask")
 #: Prefix of a target list given as an ADQL query (``--targets "adql:SELECT ..."``);
 #: ``@file.adql`` names a file that holds one.
 ADQL_PREFIX = "adql:"
+ENGINES = ("local", "dask")
 
 
 # ---- the value objects ---------------------------------------------------------------
@@ -273,80 +291,6 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
-class ButlerConfig:
-    """The Butler of ``run.source = "butler"`` (``pip install 'harvester[butler]'``).
-
-    ``repo``: a repository path or URI, or a label that ``DAF_BUTLER_REPOSITORIES``
-    (or ``DAF_BUTLER_REPOSITORY_INDEX``) names, such as ``dp1`` on the RSP; empty:
-    ``<run.repo>/butler``, the Butler repository ``harvester synth`` builds.
-    ``collections`` are searched in order; ``dataset_type`` is the coadd's;
-    ``skymap`` names the registry's sky map (empty: the only one, else
-    ``lsst_cells_v1``). ``url_lifetime``: seconds a URI from ``getURI`` is used
-    before it is asked for again (the RSP's presigned URLs last an hour).
-    """
-
-    KEYS: ClassVar[Mapping[str, _Key]] = {
-        "repo": _Key("a path, URI or label (a string)", lambda v: isinstance(v, str)),
-        "collections": _names(
-            "collection names, e.g. ['LSSTComCam/DP1'] or 'a,b'", lambda t: len(t) > 0
-        ),
-        "dataset_type": _text(),
-        "skymap": _Key("a sky map name (a string)", lambda v: isinstance(v, str)),
-        "url_lifetime": _num(0, above=True),
-    }
-
-    repo: str = ""
-    collections: tuple[str, ...] = ("LSSTComCam/DP1",)
-    dataset_type: str = "deep_coadd"
-    skymap: str = ""
-    url_lifetime: float = 3000.0
-
-    def __post_init__(self) -> None:
-        _validate("butler", self.KEYS, self)
-
-    def resolved_repo(self, run_repo: Path) -> str:
-        """``repo``, or ``<run_repo>/butler`` when empty."""
-        return self.repo or str(run_repo / "butler")
-
-
-@dataclass(frozen=True)
-class TapConfig:
-    """How a target list given as an ADQL query is fetched (``[tap]``; see :mod:`harvester._tap`).
-
-    ``url``: the TAP service (empty: the discovery document's ``tap`` service of
-    ``service.url``, else ``{service.url}/api/tap``); ``mode``: an ``async`` UWS job
-    (the tutorials' way; long queries survive) or ``sync``; ``maxrec``: the most
-    rows a run takes, always sent as MAXREC (more is OVERFLOW: the run stops
-    unless ``allow_truncated``); ``page_size``: rows per request (0: the service's
-    hard limit from its capabilities), past which a query is fetched in keyset
-    pages by its id column; ``wait``: seconds a job may take.
-    """
-
-    KEYS: ClassVar[Mapping[str, _Key]] = {
-        "url": _Key(
-            "an http:// or https:// URL, or ''",
-            lambda v: isinstance(v, str) and (v == "" or v.startswith(("http://", "https://"))),
-        ),
-        "mode": _choice("async", "sync"),
-        "maxrec": _int(1),
-        "page_size": _int(0),
-        "allow_truncated": _flag(),
-        "wait": _num(0, above=True),
-    }
-
-    url: str = ""
-    mode: Literal["async", "sync"] = "async"
-    maxrec: int = 10_000_000
-    page_size: int = 0
-    allow_truncated: bool = False
-    wait: float = 3600.0
-
-    def __post_init__(self) -> None:
-        _validate("tap", self.KEYS, self)
-        object.__setattr__(self, "url", self.url.rstrip("/"))
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """Everything a harvest needs to know.
 
@@ -379,6 +323,10 @@ class RunConfig:
         The Butler of the ``butler`` source.
     tap : TapConfig
         How a target query is fetched.
+    engine : "local" or "dask"
+        One process (asyncio), or shards on a Dask cluster (``dask``).
+    dask : DaskConfig
+        The Dask engine's cluster and shards.
     """
 
     KEYS: ClassVar[Mapping[str, _Key]] = {
@@ -417,6 +365,8 @@ class RunConfig:
         "service": _instance(ServiceConfig),
         "butler": _instance(ButlerConfig),
         "tap": _instance(TapConfig),
+        "engine": _choice(*ENGINES),
+        "dask": _instance(DaskConfig),
     }
 
     repo: Path = Path("data/ecdfs")
@@ -436,6 +386,8 @@ class RunConfig:
     service: ServiceConfig = ServiceConfig()
     butler: ButlerConfig = ButlerConfig()
     tap: TapConfig = TapConfig()
+    engine: Literal["local", "dask"] = "local"
+    dask: DaskConfig = DaskConfig()
 
     def __post_init__(self) -> None:
         _validate("run", self.KEYS, self)
@@ -473,6 +425,7 @@ _NESTED: dict[str, Any] = {
     "service": ServiceConfig,
     "butler": ButlerConfig,
     "tap": TapConfig,
+    "dask": DaskConfig,
 }
 
 #: The keyword overrides of :func:`load_config` (the flags of ``harvester run``):
@@ -486,6 +439,9 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "collections": ("butler", "collections"),
     "tap_url": ("tap", "url"),
     "allow_truncated": ("tap", "allow_truncated"),
+    "scheduler": ("dask", "scheduler"),
+    "workers": ("dask", "workers"),
+    "shard_size": ("dask", "shard_size"),
 }
 
 

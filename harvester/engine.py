@@ -14,6 +14,10 @@ worker threads under capacity limiters. Cancelling the consumer (Ctrl-C, a
 cancelled notebook cell, leaving the ``async for``) cancels the stages; a thread
 finishes the batch it is on, whose files are written atomically, and the ledger
 only records batches whose outputs are in place.
+
+With ``run.engine = "dask"`` (or a Dask ``client``), :meth:`Harvester.run` runs
+the same stages in shards on a Dask cluster (:mod:`harvester.dask`); the plan,
+the ledger, ``stack.h5`` and the grid pages stay here.
 """
 
 from __future__ import annotations
@@ -107,14 +111,29 @@ class Harvester:
 
         butler = Butler("dp1", collections="LSSTComCam/DP1")
         async with Harvester(config.replace(source="butler"), butler=butler) as h: ...
+
+    ``client``, an asynchronous ``distributed.Client``, runs :meth:`run` in shards
+    on its cluster (as ``run.engine = "dask"`` does with ``[dask]``'s cluster);
+    the client is not closed here::
+
+        async with Client(address, asynchronous=True) as client:
+            async with Harvester(config, client=client) as h: ...
     """
 
     def __init__(
-        self, config: RunConfig, *, progress: ProgressHook | None = None, butler: Any = None
+        self,
+        config: RunConfig,
+        *,
+        progress: ProgressHook | None = None,
+        butler: Any = None,
+        client: Any = None,
     ) -> None:
         self.config = config
         self.progress = progress
         self.butler = butler
+        #: An asynchronous ``distributed.Client``: run on its cluster (engine "dask").
+        self.client = client
+        self._dask: Any = None
         self._repo: Repository | None = None
         self._source: Source | None = None
         self.retry = retry_policy(config)
@@ -123,6 +142,13 @@ class Harvester:
 
     async def __aenter__(self) -> Harvester:
         self._repo, self._source = await open_repository_and_source(self.config, self.butler)
+        try:
+            if self.client is not None or self.config.engine == "dask":
+                self._dask = await _open_dask(self.config, self.client)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._source.aclose()
+            raise
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -139,8 +165,11 @@ class Harvester:
                 raise group.exceptions[0] from None
             raise
         finally:
-            if self._source is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if self._dask is not None:
+                    await self._dask.__aexit__(None, None, None)
+                    self._dask = None
+                if self._source is not None:
                     await self._source.aclose()
             self._tg = None
 
@@ -242,6 +271,11 @@ class Harvester:
         if self._tg is None or self._source is None:
             raise RuntimeError("use `async with Harvester(config) as h:` first")
         await self._close_stale(keep=self._open[-1] if self._open else None)
+        if self._dask is not None and not recycle:
+            raise ConfigError(
+                "harvest() streams cutouts into this process; with the dask engine the "
+                "workers write them: use run() and read the outputs"
+            )
         source = self._source
         t0 = time.perf_counter()
         loaded = await self.aload(targets)
@@ -250,10 +284,16 @@ class Harvester:
         scope = anyio.CancelScope()
         done = anyio.Event()
 
+        opens: list[int] = []
+
         async def pipeline() -> None:
             try:
                 with scope:
-                    await run.execute(send, source)
+                    if self._dask is not None:
+                        async with send:
+                            opens.append((await self._dask.run(run)).opens)
+                    else:
+                        await run.execute(send, source)
             finally:
                 done.set()
 
@@ -267,7 +307,20 @@ class Harvester:
             scope.cancel()
             with anyio.CancelScope(shield=True):
                 await done.wait()
-                stats.report = await anyio.to_thread.run_sync(run.finish, t0, source.opens)
+                opened = opens[0] if opens else source.opens
+                stats.report = await anyio.to_thread.run_sync(run.finish, t0, opened)
+
+
+async def _open_dask(config: RunConfig, client: Any) -> Any:
+    """The Dask engine, entered (imported only here: ``import harvester`` never
+    imports Dask)."""
+    from .dask import require_dask
+
+    require_dask()
+    from .dask._engine import DaskEngine
+
+    engine = DaskEngine(config, client)
+    return await engine.__aenter__()
 
 
 @dataclass

@@ -44,9 +44,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Container, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ConfigError
 
@@ -55,9 +55,12 @@ __all__ = [
     "DONE_STATUSES",
     "RESULT_COLUMNS",
     "BatchRecord",
+    "BatchRows",
     "Ledger",
     "LedgerRow",
+    "Recorder",
     "Results",
+    "RowCollector",
 ]
 
 #: Statuses that resume does not redo.
@@ -211,6 +214,53 @@ class LedgerRow:
     stack_part: str | None
     stack_row: int | None
     run: int | None
+
+
+class Recorder(Protocol):
+    """Where a run's batches are recorded: the :class:`Ledger`, or, in a shard of a
+    distributed run, a :class:`RowCollector` whose rows go back to the driver's."""
+
+    run_id: int | None
+
+    def new_batch(self) -> int: ...
+
+    def record(
+        self, batch: BatchRecord, *groups: Results, images: Sequence[tuple[str, str, str]] = ()
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """One batch's records, as :meth:`Ledger.record` takes them: small and picklable."""
+
+    batch: BatchRecord
+    groups: tuple[Results, ...]
+    images: tuple[tuple[str, str, str], ...] = ()
+
+
+class RowCollector:
+    """A :class:`Recorder` that keeps the records (a shard's, for the driver's ledger).
+
+    Batch numbers are the collector's own (1, 2, ...); :meth:`Ledger.replay` gives
+    each batch a number of the ledger's when it commits it.
+    """
+
+    def __init__(self, run_id: int | None) -> None:
+        self.run_id = run_id
+        self.batches: list[BatchRows] = []
+        self._lock = threading.Lock()
+        self._next = 1
+
+    def new_batch(self) -> int:
+        with self._lock:
+            self._next += 1
+            return self._next - 1
+
+    def record(
+        self, batch: BatchRecord, *groups: Results, images: Sequence[tuple[str, str, str]] = ()
+    ) -> None:
+        with self._lock:
+            self.batches.append(BatchRows(batch, groups, tuple(images)))
 
 
 class Ledger:
@@ -372,6 +422,12 @@ class Ledger:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def replay(self, rows: BatchRows) -> None:
+        """Record a batch another process collected (:class:`RowCollector`), under a
+        batch number of this ledger and this run; one transaction, as :meth:`record`."""
+        batch = replace(rows.batch, batch=self.new_batch(), run=self.run_id)
+        self.record(batch, *rows.groups, images=rows.images)
 
     def counts(self) -> dict[str, int]:
         """Targets per status in the ledger (newest record of each id)."""

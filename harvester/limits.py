@@ -8,6 +8,11 @@ For remote sources there are two more: :class:`HostLimits` (one capacity limiter
 per host, so one slow host cannot take every connection) and
 :class:`AdaptiveRateLimiter` (a token bucket whose rate backs off when a service
 says it is overloaded, 503, and creeps back up while it answers: AIMD).
+
+A client takes its rate limiters and its share of the per-host connections from
+a :class:`ClientLimits`: the default makes the one-process limiters above; a
+distributed run passes one whose limiters are held across the whole cluster
+(``harvester.dask``), through the same :class:`RateGate` protocol.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 
@@ -28,8 +33,10 @@ __all__ = [
     "TRANSIENT_ERRNOS",
     "AdaptiveRateLimiter",
     "CircuitBreaker",
+    "ClientLimits",
     "HostLimits",
     "Isolated",
+    "RateGate",
     "RateLimiter",
     "RetryPolicy",
     "isolate",
@@ -393,8 +400,52 @@ class AdaptiveRateLimiter:
         else:
             self._set(grown)
 
+    async def penalize(self, seconds: float) -> None:
+        """The service said 429 (a quota): nothing here, since the request's retry
+        waits the server's ``Retry-After`` itself and the :class:`_Quota` of the
+        client holds the others back; a cluster's limiter pauses every worker."""
+
     def __repr__(self) -> str:
         return f"AdaptiveRateLimiter(ceiling={self.ceiling}, rate={self.rate})"
+
+
+class RateGate(Protocol):
+    """A rate limiter a client's requests go through, one per service.
+
+    :class:`AdaptiveRateLimiter` in one process; in a distributed run, a limiter
+    whose tokens come from one bucket shared by every worker.
+    """
+
+    async def acquire(self) -> None:
+        """Wait until a request may start."""
+
+    def on_success(self) -> None:
+        """An answer without overload."""
+
+    def on_overload(self) -> None:
+        """The service answered 503."""
+
+    async def penalize(self, seconds: float) -> None:
+        """The service answered 429: start no request for ``seconds``."""
+
+
+class ClientLimits:
+    """How a client's limits are made: in one process, the configured ones.
+
+    A distributed run subclasses it (``harvester.dask``): rates held across the
+    cluster, and each worker a share of the requests in flight per host.
+    """
+
+    def rate(self, service: str, per_second: float) -> RateGate:
+        """The limiter of ``service`` (``per_second``: its quota; 0 = none)."""
+        return AdaptiveRateLimiter(ceiling=per_second)
+
+    def per_host(self, configured: int) -> int:
+        """Requests in flight per host for this client, of ``configured`` in all."""
+        return configured
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 # ---- retry and isolation ---------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-__all__ = ["ProgressBar"]
+__all__ = ["ProgressBar", "RunProgress"]
 
 
 class ProgressBar:
@@ -61,3 +61,28 @@ class ProgressBar:
 
 def _rate(r: float) -> str:
     return f"{r / 1000:.1f}k" if r >= 1000 else f"{r:.0f}"
+
+
+class RunProgress:
+    """A run's progress hook: one bar, made when the total is known; with the Dask
+    engine it also shows where the cluster is (:meth:`cluster`: its dashboard)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.bar: ProgressBar | None = None
+        self.note = ""
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = ProgressBar(total, stream=self.stream)
+        self.bar.update(done, self.note)
+
+    def cluster(self, text: str) -> None:
+        """Show ``text`` (the cluster's workers and dashboard) now and beside the bar."""
+        self.note = text
+        print(f"harvester: {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Print the bar's last line (nothing when no work was reported)."""
+        if self.bar is not None:
+            self.bar.close(self.note)

@@ -222,7 +222,7 @@ def test_run_output_is_a_file_in_toml(
         (("--rate", "-1"), "--rate -1: wanted a number >= 0"),
         (("--batch-size", "0"), "--batch-size 0: wanted an integer from 1 to 100000"),
         (("--service-url", "ftp://x"), "--service-url ftp://x: wanted an http:// or https://"),
-        (("--targets", ""), "--targets '': wanted a target file path or 'random:N'"),
+        (("--targets", ""), "--targets '': wanted a target file path, 'random:N', 'adql:SELECT"),
         (("--token", " "), "--token: wanted a non-empty string"),
     ],
 )

@@ -14,6 +14,7 @@ from harvester.config import (
     OVERRIDES,
     BadValue,
     ButlerConfig,
+    DaskConfig,
     FetchConfig,
     GridConfig,
     RunConfig,
@@ -81,6 +82,7 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "max_size": ("100", 100),
         "seed": ("-3", -3),
         "source": ('"soda"', "soda"),
+        "engine": ('"dask"', "dask"),
     },
     "targets": {
         name: (f'"my_{name}"', f"my_{name}") for name in ("id", "ra", "dec", "size", "bands")
@@ -132,19 +134,30 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "allow_truncated": ("true", True),
         "wait": ("10", 10.0),
     },
+    "dask": {
+        "scheduler": ('"tcp://10.0.0.5:8786"', "tcp://10.0.0.5:8786"),
+        "scheduler_file": ('"sched.json"', "sched.json"),
+        "workers": ("4", 4),
+        "threads_per_worker": ("3", 3),
+        "processes": ("false", False),
+        "dashboard": ('":19100"', ":19100"),
+        "shard_size": ("500", 500),
+        "window": ("5", 5),
+    },
 }
 
 
 def test_every_key_has_a_case() -> None:
     fields = {
         "run": {f.name for f in dataclasses.fields(RunConfig)}
-        - {"columns", "fetch", "grid", "service", "butler", "tap"},
+        - {"columns", "fetch", "grid", "service", "butler", "tap", "dask"},
         "targets": {f.name for f in dataclasses.fields(ColumnNames)},
         "fetch": {f.name for f in dataclasses.fields(FetchConfig)},
         "grid": {f.name for f in dataclasses.fields(GridConfig)},
         "service": {f.name for f in dataclasses.fields(ServiceConfig)},
         "butler": {f.name for f in dataclasses.fields(ButlerConfig)},
         "tap": {f.name for f in dataclasses.fields(TapConfig)},
+        "dask": {f.name for f in dataclasses.fields(DaskConfig)},
     }
     assert {s: set(keys) for s, keys in EVERY_KEY.items()} == fields
     assert {s: set(keys) for s, keys in WRONG_TYPES.items()} == fields
@@ -180,6 +193,7 @@ WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "max_size": [("10.0", "an integer from 1 to 100000"), ("true", "an integer")],
         "seed": [('"1"', "an integer"), ("false", "an integer"), ("1.0", "an integer")],
         "source": [("1", "one of 'local', 'http', 'soda', 'auto', 'butler'"), ('"x"', "one of")],
+        "engine": [("1", "one of 'local', 'dask'"), ('"ray"', "one of 'local', 'dask'")],
     },
     "targets": {
         name: [("3", "a column name (a non-empty string)"), ('""', "a column name")]
@@ -231,6 +245,16 @@ WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "page_size": [("-1", "an integer >= 0"), ('"1k"', "an integer >= 0")],
         "allow_truncated": [('"yes"', "true or false"), ("1", "true or false")],
         "wait": [("0", "a number > 0"), ('"1h"', "a number > 0")],
+    },
+    "dask": {
+        "scheduler": [("8786", "a scheduler address"), ('"somewhere"', "a scheduler address")],
+        "scheduler_file": [("1", "a file path"), ("true", "a file path")],
+        "workers": [("0", "an integer from 1 to 1024"), ("2.0", "an integer from 1")],
+        "threads_per_worker": [("true", "an integer from 1 to 256"), ('"2"', "an integer")],
+        "processes": [("1", "true or false"), ('"yes"', "true or false")],
+        "dashboard": [("8787", "an address such as ':8787'"), ("false", "an address")],
+        "shard_size": [("0", "an integer from 1 to 10000000"), ("1e3", "an integer from 1")],
+        "window": [("0", "an integer from 1 to 100"), ("[2]", "an integer from 1")],
     },
 }
 

@@ -30,5 +30,6 @@ def test_all_members_exist_and_are_documented() -> None:
         "synth",
         "service",
         "butler",
+        "dask",
     }
     assert public - submodules == set(harvester.__all__) - {"__version__"}

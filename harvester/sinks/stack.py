@@ -62,7 +62,7 @@ from astropy.wcs import WCS
 
 from ..cutout import COVERAGE_STATUSES, CutoutBatch
 
-__all__ = ["SHARD_BYTES", "Range", "StackSink", "stack_wcs"]
+__all__ = ["SHARD_BYTES", "Range", "StackSink", "ids_width", "stack_wcs"]
 
 PARTS = "stack_parts"
 STACK = "stack.h5"
@@ -108,6 +108,12 @@ class StackSink:
         share them (without it, each batch gets a shard of its own).
     writers : int
         Threads that call :meth:`write` at once; each needs a shard of its own.
+    tag : str
+        Put in the shard names after the run (no ``-``): a distributed run's shards
+        write side by side in one folder, each attempt under its own tag.
+    id_width : (bool, int), optional
+        (all ids ASCII?, ``id`` field width in bytes) of the whole run, when ``ids``
+        is only part of it: every shard of a run must have the same table type.
     """
 
     name = "stack"
@@ -119,12 +125,17 @@ class StackSink:
         ids: npt.NDArray[np.str_] | None = None,
         rows: dict[tuple[int, int], int] | None = None,
         writers: int = 1,
+        tag: str = "",
+        id_width: tuple[bool, int] | None = None,
     ) -> None:
+        if "-" in tag:
+            raise ValueError(f"a shard tag may not hold '-': {tag!r}")
         self.out_dir = out_dir
         self.run_id = run_id
+        self.tag = tag
         self._seq = itertools.count()
         self._lock = threading.Lock()
-        self._ascii, self._id_width = _id_width(ids)
+        self._ascii, self._id_width = ids_width(ids) if id_width is None else id_width
         self._unplanned = dict(rows or {})
         # Each writer's share of the plan: the writers fill their shards side by side.
         self._share = {k: -(-v // max(1, writers)) for k, v in self._unplanned.items()}
@@ -195,7 +206,7 @@ class StackSink:
             capacity = max(n, min(SHARD_BYTES // row, self._share.get((h, w), 0), left))
             self._unplanned[(h, w)] = max(0, left - capacity)
         # The shape is in the name, so finalize can map rows without opening shards.
-        name = f"part-r{self.run_id:04d}-{seq:06d}-{capacity}x{nb}x{h}x{w}.h5"
+        name = f"part-r{self.run_id:04d}-{self.tag}{seq:06d}-{capacity}x{nb}x{h}x{w}.h5"
         path = self.out_dir / PARTS / name
         tmp = path.with_name(f".{name}.tmp")
         try:
@@ -471,7 +482,7 @@ def _table_dtype(id_width: int) -> np.dtype[np.void]:
     return np.dtype([("id", f"S{id_width}"), *_TABLE_DTYPE.descr, ("status", "S11")])
 
 
-def _id_width(ids: npt.NDArray[np.str_] | None) -> tuple[bool, int]:
+def ids_width(ids: npt.NDArray[np.str_] | None) -> tuple[bool, int]:
     """(all ASCII?, widest id in UTF-8 bytes, at most) for a run's ids."""
     if ids is None or ids.size == 0:
         return False, 1

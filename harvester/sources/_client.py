@@ -38,7 +38,7 @@ import anyio
 
 from ..config import ServiceConfig
 from ..errors import TransientError, UsageError
-from ..limits import AdaptiveRateLimiter, CircuitBreaker, HostLimits
+from ..limits import CircuitBreaker, ClientLimits, HostLimits, RateGate
 
 __all__ = [
     "ClientStats",
@@ -201,15 +201,22 @@ class ServiceClient:
     settings : ServiceConfig
     token : str or None
         The resolved token (never stored anywhere else, never in a message).
+    limits : ClientLimits, optional
+        Where the rate limiters and the per-host share come from (a distributed
+        run's are held across the cluster); default: this process's own.
     """
 
-    def __init__(self, settings: ServiceConfig, token: str | None) -> None:
+    def __init__(
+        self, settings: ServiceConfig, token: str | None, limits: ClientLimits | None = None
+    ) -> None:
         self.settings = settings
         self._token = token
         self.prefixes: tuple[str, ...] = ()
-        self.hosts = HostLimits(settings.connections_per_host)
+        self.limits = limits or ClientLimits()
+        self.per_host = self.limits.per_host(settings.connections_per_host)
+        self.hosts = HostLimits(self.per_host)
         self.breaker = CircuitBreaker(settings.outage_failures, settings.outage_seconds)
-        self.rates: dict[str, AdaptiveRateLimiter] = {}
+        self.rates: dict[str, RateGate] = {}
         self._quotas: dict[str, _Quota] = {}
         self.stats = ClientStats()
         self.clock: Callable[[], float] = time.time
@@ -227,7 +234,7 @@ class ServiceClient:
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=s.timeout_connect, sock_read=s.timeout_read
                 ),
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=s.connections_per_host),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self.per_host),
                 headers={"User-Agent": "harvester"},
             )
             # aiohttp silently resends an idempotent request once when a reused
@@ -242,14 +249,14 @@ class ServiceClient:
             await self._session.close()
             self._session = None
 
-    def rate(self, service: str) -> AdaptiveRateLimiter:
+    def rate(self, service: str) -> RateGate:
         found = self.rates.get(service)
         if found is None:
             per_minute = {
                 "cutout": self.settings.cutout_per_minute,
                 "sia": self.settings.sia_per_minute,
             }.get(service, 0.0)
-            found = self.rates[service] = AdaptiveRateLimiter(ceiling=per_minute / 60.0)
+            found = self.rates[service] = self.limits.rate(service, per_minute / 60.0)
         return found
 
     def may_send_token(self, url: str) -> bool:
@@ -316,6 +323,10 @@ class ServiceClient:
         finally:
             quota.inflight -= 1
         quota.update(response.headers, self.clock())
+        if response.status == 429:
+            # A quota overrun: the service's limiter holds back its other requests
+            # (in a cluster, every worker's) until the server's window ends.
+            await self.rate(service).penalize(retry_after(response.headers) or 1.0)
         self._check(where, service, response)
         return response
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..limits import ClientLimits
 from ..plan import Plan
 from ._batch import BatchSource, Boxes
 from ._reader import FileReader
@@ -87,8 +88,12 @@ class AutoSource(BatchSource):
         super().__init__("auto", session, {"http": self.files, "soda": self.cutouts}, self.model)
 
 
-async def open_remote(config: RunConfig) -> tuple[RemoteRepository, BatchSource]:
+async def open_remote(
+    config: RunConfig, limits: ClientLimits | None = None
+) -> tuple[RemoteRepository, BatchSource]:
     """Discover the service, load its repository, and make the configured source.
+
+    ``limits``: the client's limits (a distributed run's), else its own.
 
     Raises
     ------
@@ -96,7 +101,7 @@ async def open_remote(config: RunConfig) -> tuple[RemoteRepository, BatchSource]
         For ``run.source = "local"``, or when the service cannot be used.
     """
     s = config.service
-    session = await open_session(s)
+    session = await open_session(s, limits)
     source: BatchSource
     if config.source in ("http", "auto"):
         files = FileReader(

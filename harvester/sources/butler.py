@@ -29,6 +29,7 @@ import anyio
 from ..butler._lookup import ButlerRepository, open_butler_repository
 from ..config import RunConfig
 from ..cutout import CutoutBatch
+from ..limits import ClientLimits
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
 from ._batch import BatchSource, Boxes, needed_boxes
@@ -127,9 +128,11 @@ class ButlerSource(BatchSource):
 
 
 async def open_butler(
-    config: RunConfig, butler: Any = None
+    config: RunConfig, butler: Any = None, limits: ClientLimits | None = None
 ) -> tuple[ButlerRepository, ButlerSource]:
     """Open the Butler (or take ``butler``), and the source over it.
+
+    ``limits``: the storage client's limits (a distributed run's), else its own.
 
     Raises
     ------
@@ -141,7 +144,7 @@ async def open_butler(
         open_butler_repository, config.butler, config.repo, butler
     )
     s = config.service
-    links = ButlerLinks(repo, ServiceClient(s, None))  # no token: presigned URLs only
+    links = ButlerLinks(repo, ServiceClient(s, None, limits))  # no token: presigned URLs only
     files = FileReader(
         links,
         request_cost=s.request_cost,

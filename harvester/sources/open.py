@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ..config import RunConfig
-from ..limits import RetryPolicy
+from ..limits import ClientLimits, RetryPolicy
 from ..repo import Repository, load_repository
 from .base import Source
 from .local import LocalSource
@@ -36,27 +36,30 @@ def retry_policy(config: RunConfig) -> RetryPolicy:
 
 
 async def open_repository_and_source(
-    config: RunConfig, butler: Any = None
+    config: RunConfig, butler: Any = None, limits: ClientLimits | None = None
 ) -> tuple[Repository, Source]:
     """The run's repository and an open source over it (close it with ``aclose``).
 
     ``butler``: for ``run.source = "butler"``, a Butler to use instead of opening
-    ``butler.repo``.
+    ``butler.repo``. ``limits``: a remote client's rate limiters and per-host share
+    (a distributed run's are held across the cluster); default: this process's.
     """
     if config.source == "butler":
         from .butler import open_butler
 
-        return await open_butler(config, butler)
+        return await open_butler(config, butler, limits)
     if config.source == "local":
         repo = await anyio.to_thread.run_sync(load_repository, config.repo)
         return repo, LocalSource(repo, concurrency=config.fetch.concurrency)
     # A data service: discovery, its repository (index or SIA), the source.
     from .auto import open_remote
 
-    return await open_remote(config)
+    return await open_remote(config, limits)
 
 
-async def open_source(config: RunConfig, butler: Any = None) -> Source:
+async def open_source(
+    config: RunConfig, butler: Any = None, limits: ClientLimits | None = None
+) -> Source:
     """An open source for ``config`` (a :data:`~harvester._pipeline.SourceFactory`
     once bound with :func:`functools.partial`)."""
-    return (await open_repository_and_source(config, butler))[1]
+    return (await open_repository_and_source(config, butler, limits))[1]

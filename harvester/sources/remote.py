@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import ServiceConfig
 from ..errors import ConfigError, TransientError
-from ..limits import RetryPolicy
+from ..limits import ClientLimits, RetryPolicy
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
 from ..skymap import SkyMap, SkyMapConfig
@@ -147,15 +147,20 @@ class RemoteSession:
         await self.client.aclose()
 
 
-async def open_session(settings: ServiceConfig) -> RemoteSession:
+async def open_session(
+    settings: ServiceConfig, limits: ClientLimits | None = None
+) -> RemoteSession:
     """Discover the service and load its repository (index, else SIA as needed).
+
+    ``limits``: the client's rate limiters and per-host share (a distributed
+    run's are held across the cluster); default: this process's own.
 
     Raises
     ------
     ConfigError
         The service cannot be reached or refuses the token; the message says why.
     """
-    client = ServiceClient(settings, settings.resolved_token())
+    client = ServiceClient(settings, settings.resolved_token(), limits)
     try:
         endpoints = await discover(client)
         repo = await _load_repository(client, endpoints, settings)
