@@ -115,7 +115,10 @@ def part_a(n: int, repeat: int, shard_size: int) -> dict[str, Any]:
     repo = load_repository(REPO)
     targets = random_targets(repo, f"random:{n}", 3)
     local_cfg = _config(WORK / "a-local")
-    dask_cfg = _config(WORK / "a-dask").replace(
+    # The same parallelism on both sides: one process with 2 batches in flight
+    # (one per core), or 2 worker processes with 1 each. Two per worker would put
+    # four copying threads (and the driver) on two cores.
+    dask_cfg = _config(WORK / "a-dask", concurrency=1).replace(
         engine="dask", dask=_dask(workers=2, shard_size=shard_size)
     )
     runs: dict[str, list[dict[str, Any]]] = {"local": [], "dask": []}
