@@ -15,7 +15,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,parquet,bench,dev,butler,butler-server,dask]'
+	$(BIN)/pip install --quiet -e '.[test,parquet,bench,dev,butler,butler-server,dask,tap]'
 	touch $(STAMP)
 
 demo: $(STAMP)
