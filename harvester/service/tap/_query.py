@@ -80,6 +80,7 @@ class QueryResult:
     """Rows (at most MAXREC), their fields, and what the query cost."""
 
     fields: list[ResultField]
+    #: Numbers as PostgreSQL's text, booleans, strings, :class:`Point` & co, None.
     rows: list[tuple[Any, ...]]
     overflow: bool
     sql: str
@@ -142,7 +143,16 @@ def _sphere_loader(kind: type[tuple[float, ...]]) -> type:
 
 
 def register_sphere_loaders(conn: psycopg.Connection[Any]) -> dict[int, str]:
-    """Degrees output and loaders for pg_sphere types; returns their OIDs by name."""
+    """Loaders of a worker connection; returns the pg_sphere types' OIDs by name.
+
+    Numbers stay the text PostgreSQL sends (its shortest round-trip spelling, the
+    one a VOTable cell wants: parsing to a float and back costs a second per
+    million cells); pg_sphere values are read in degrees.
+    """
+    from psycopg.types.string import TextLoader
+
+    for name in ("int2", "int4", "int8", "float4", "float8", "numeric"):
+        conn.adapters.register_loader(name, TextLoader)
     conn.execute("SELECT set_sphere_output('DEG')")
     rows = conn.execute(
         "SELECT oid, typname FROM pg_type WHERE typname IN ('spoint', 'scircle', 'spoly')"

@@ -3,9 +3,10 @@
 A result puts ``INFO name="QUERY_STATUS" value="OK"`` in the results RESOURCE
 before the TABLE and, when rows were cut at MAXREC, ``value="OVERFLOW"`` after
 it (DALI 1.1 §4.4.1: pyvo reads the last one). Cells are written per column
-type: floats with ``repr`` (round-trip exact; a ``real`` keeps its float32
-spelling), NaN as an empty (null) cell, booleans ``T``/``F``, pg_sphere values as
-numbers in degrees, ``s_region`` as ``POLYGON ICRS ...`` like SIA.
+type: numbers as PostgreSQL spells them (shortest round-trip text; a ``real``
+keeps its float32 spelling; ``NaN`` as such), NULL as an empty cell, booleans
+``T``/``F``, pg_sphere values as numbers in degrees, ``s_region`` as
+``POLYGON ICRS ...`` like SIA.
 
 Dependency rule: the standard library, the service's VOTable helpers and
 :mod:`._query`'s value types.
@@ -13,8 +14,7 @@ Dependency rule: the standard library, the service's VOTable helpers and
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .._votable import votable_open, xml_attr, xml_text
@@ -26,43 +26,55 @@ __all__ = ["VOTABLE_TYPE", "error_document", "result_document"]
 VOTABLE_TYPE = "application/x-votable+xml"
 
 
-def _float(v: Any) -> str:
+_INF = float("inf")
+_NON_FINITE = {"Infinity": "+Inf", "-Infinity": "-Inf"}
+
+
+def _numbers(values: tuple[Any, ...]) -> Sequence[str]:
+    # Numbers arrive as PostgreSQL's text and go out as they came (NaN included):
+    # only NULLs and infinities need a look, and `in` finds out at C speed.
+    if None in values or "Infinity" in values or "-Infinity" in values:
+        return ["" if v is None else _NON_FINITE.get(v, v) for v in values]
+    return values
+
+
+def _booleans(values: tuple[Any, ...]) -> list[str]:
+    return ["" if v is None else ("T" if v else "F") for v in values]
+
+
+def _number(v: Any) -> str:
     f = float(v)
-    if math.isnan(f):
-        return ""
-    if math.isinf(f):
+    if f != f:
+        return "NaN"
+    if f in (_INF, -_INF):
         return "+Inf" if f > 0 else "-Inf"
     return repr(f)
 
 
-def _bool(v: Any) -> str:
-    return "T" if v else "F"
+def _arrays(values: tuple[Any, ...]) -> list[str]:
+    return ["" if v is None else " ".join(map(_number, v)) for v in values]
 
 
-def _text(v: Any) -> str:
-    return xml_text(str(v))
+def _texts(values: tuple[Any, ...]) -> list[str]:
+    out = []
+    for v in values:
+        if v is None:
+            out.append("")
+        elif isinstance(v, Polygon):  # s_region: as SIA writes it
+            out.append("POLYGON ICRS " + " ".join(f"{x:.6f}" for x in v))
+        else:
+            out.append(xml_text(str(v)))
+    return out
 
 
-def _numbers(v: Any) -> str:
-    return " ".join(_float(x) for x in v)
-
-
-def _region(v: Any) -> str:
-    if isinstance(v, Polygon):
-        return "POLYGON ICRS " + " ".join(f"{x:.6f}" for x in v)
-    return xml_text(str(v))
-
-
-def _formatter(f: ResultField) -> Callable[[Any], str]:
-    if f.xtype in ("point", "circle", "polygon"):
-        return _numbers
-    if f.datatype in ("float", "double"):
-        return _float if f.arraysize is None else _numbers
+def _cells(f: ResultField) -> Callable[[tuple[Any, ...]], Sequence[str]]:
+    if f.xtype in ("point", "circle", "polygon") or (f.arraysize and f.datatype != "char"):
+        return _arrays
     if f.datatype == "boolean":
-        return _bool
+        return _booleans
     if f.datatype == "char":
-        return _region
-    return str
+        return _texts
+    return _numbers
 
 
 def field_xml(f: ResultField) -> str:
@@ -80,21 +92,20 @@ def field_xml(f: ResultField) -> str:
     return f"{head}>{inner}</FIELD>\n" if inner else f"{head}/>\n"
 
 
-def _rows(fields: list[ResultField], rows: Iterable[tuple[Any, ...]]) -> Iterable[str]:
-    fmts = [_formatter(f) for f in fields]
+def _rows(fields: list[ResultField], rows: list[tuple[Any, ...]]) -> list[str]:
+    """``TR`` lines: each column's cells made text at once, each row one join.
 
-    def cell(fmt: Callable[[Any], str], v: Any) -> str:
-        if v is None:
-            return "<TD/>"
-        return f"<TD>{fmt(v)}</TD>"
-
-    for row in rows:
-        yield "<TR>" + "".join(map(cell, fmts, row)) + "</TR>\n"
+    A NULL is an empty cell (``<TD></TD>``).
+    """
+    if not rows or not fields:
+        return []
+    columns = [_cells(f)(values) for f, values in zip(fields, zip(*rows, strict=True), strict=True)]
+    return ["<TR><TD>" + "</TD><TD>".join(r) + "</TD></TR>\n" for r in zip(*columns, strict=True)]
 
 
 def result_document(
     fields: list[ResultField],
-    rows: Iterable[tuple[Any, ...]],
+    rows: list[tuple[Any, ...]],
     overflow: bool,
     infos: Iterable[tuple[str, str]] = (),
 ) -> bytes:
