@@ -142,3 +142,28 @@ def test_taplint_reports_no_errors(tap_repo: Repository, tap_cluster: PostgresCl
     print("taplint:", totals.group(0), reported)
     errors = [line for line in out.splitlines() if line.startswith("E-")]
     assert int(totals.group(1)) == 0, "\n".join(errors)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("tap", "yes"),
+        ("tap_dsn", ""),
+        ("tap_maxrec", 0),
+        ("tap_hardlimit", "many"),
+        ("tap_timeout", 0),
+        ("tap_execution_duration", float("nan")),
+        ("tap_retention", -1.0),
+        ("tap_workers", 0),
+        ("tap_max_jobs", 1.5),
+    ],
+)
+def test_tap_settings_name_the_bad_key_and_value(key: str, value: object) -> None:
+    from harvester.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=rf"^service: {key} must be .*, not {re.escape(repr(value))}$"
+    ):
+        ServiceSettings(**{key: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"tap_maxrec must be <= tap_hardlimit \(5\), not 6"):
+        ServiceSettings(tap_maxrec=6, tap_hardlimit=5)

@@ -3,6 +3,8 @@ SIA's ObsCore columns, the catalogue's columns; and the ADQL front end."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.resources import files
 
 import numpy as np
@@ -128,3 +130,16 @@ def test_delimited_identifiers_aliases_and_cache(translator: object) -> None:
         'SELECT "objectId", "OBJECTID", g_cModelMag AS gMag FROM dp1.Object'
     )
     assert again.cached and again.sql == t.sql and translator.hits == 1
+
+
+def test_the_tap_extra_is_imported_only_when_tap_starts(tap_repo: Repository) -> None:
+    """``import harvester`` and a server without TAP import neither psycopg nor queryparser."""
+    code = (
+        "import sys, harvester, harvester.cli, harvester.service\n"
+        "from harvester.repo import load_repository\n"
+        "from harvester.service import ServiceSettings, create_app\n"
+        f"create_app(load_repository({str(tap_repo.root)!r}), ServiceSettings(auth=False))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('psycopg', 'queryparser')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
