@@ -104,8 +104,21 @@ def _peaks(
     return out
 
 
+def _home(skymap: SkyMap, tract: int, peaks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The peaks whose position belongs to ``tract`` (findTract): DP1 keeps an
+    object once, in its own tract; elsewhere the mosaic shows a neighbour's area."""
+    if not peaks:
+        return []
+    border = skymap.config.patch_border
+    x = np.array([p[0] for p in peaks], dtype=float) - border
+    y = np.array([p[1] for p in peaks], dtype=float) - border
+    ra, dec = skymap.pixel_to_sky(np.full(len(x), tract), x, y)
+    home = skymap.find_tract(ra, dec) == tract
+    return [p for p, h in zip(peaks, home, strict=True) if h]
+
+
 def test_every_bright_peak_of_the_images_is_a_row_and_back(
-    catalog: ObjectCatalog, mosaic: Mosaic, tiny_skymap: SkyMap
+    catalog: ObjectCatalog, mosaic: Mosaic, tiny_skymap: SkyMap, tiny_tract: int
 ) -> None:
     border = tiny_skymap.config.patch_border
     cx = np.asarray(catalog.columns["x"]) + border
@@ -113,8 +126,9 @@ def test_every_bright_peak_of_the_images_is_a_row_and_back(
     checked_rows = 0
     for band, (image, variance) in mosaic.items():
         sigma = np.sqrt(variance)
-        peaks = _peaks(image, sigma, 6.0)  # pure noise: ~1e-4 such peaks per mosaic
-        assert len(peaks) >= 10, band
+        all_peaks = _peaks(image, sigma, 6.0)  # pure noise: ~1e-4 such peaks per mosaic
+        peaks = _home(tiny_skymap, tiny_tract, all_peaks)
+        assert len(peaks) >= 6 and len(all_peaks) > len(peaks), band
         for x, y in peaks:
             d = np.hypot(cx - x, cy - y)
             assert d.min() <= 3.0, f"{band} peak at mosaic ({x}, {y}) has no row within 3 px"
@@ -123,14 +137,14 @@ def test_every_bright_peak_of_the_images_is_a_row_and_back(
             catalog.columns[f"{band}_psfFluxErr"]
         )
         h, w = image.shape
-        px, py = np.array([p[0] for p in peaks]), np.array([p[1] for p in peaks])
+        px, py = np.array([p[0] for p in all_peaks]), np.array([p[1] for p in all_peaks])
         for i in np.flatnonzero(snr > 20):
             if not (6 <= cx[i] < w - 6 and 6 <= cy[i] < h - 6):
                 continue
             d = np.hypot(px - cx[i], py - cy[i])
             assert d.min() <= 3.0, f"{band} row {catalog.columns['objectId'][i]} shows no peak"
             checked_rows += 1
-    assert checked_rows >= 12, checked_rows
+    assert checked_rows >= 10, checked_rows
 
 
 def test_positions_and_fluxes_match_the_pixels(
@@ -186,7 +200,7 @@ def test_positions_and_fluxes_match_the_pixels(
 def test_magnitudes_errors_and_missing_bands(catalog: ObjectCatalog) -> None:
     c = {k: np.asarray(v) for k, v in catalog.columns.items()}
     n = len(catalog)
-    assert n >= 40
+    assert n >= 15
     assert len(np.unique(c["objectId"])) == n
     for band in ("g", "r"):
         for stem in ("psf", "cModel"):
@@ -221,11 +235,11 @@ def test_a_repository_without_its_record_gets_the_same_rows(
     from importlib.resources import files
 
     agn = read_agn_list(str(files("harvester") / "data" / "ecdfs_agn.csv"))
-    ra, dec = agn.ra[3], agn.dec[3]  # id 11: in the test tract
+    ra, dec = agn.ra[3], agn.dec[3]  # id 11: in the test tract, patch 11
     tract = int(tiny_skymap.find_tract(ra, dec)[0])
-    patch = int(tiny_skymap.locate([ra], [dec]).patch[0])
+    patches = ((tract, 5), (tract, 6), (tract, 10), (tract, 11))  # inside the tract's own area
     spec = SynthSpec(
-        patches=((tract, patch),), bands=("r",), seed=3, agn=agn if planted else None, skymap=TINY
+        patches=patches, bands=("r",), seed=3, agn=agn if planted else None, skymap=TINY
     )
     repo = build_repository(tmp_path / "with", spec)
     doc: dict[str, Any] = json.loads((repo.root / SYNTH_RECORD).read_text())

@@ -302,7 +302,7 @@ def strict(tap_repo: Repository, tap_cluster: PostgresCluster) -> Iterator[TapSe
     settings = ServiceSettings(
         tokens={"image-only": frozenset({"read:image"})},
         tap_maxrec=10,
-        tap_hardlimit=30,
+        tap_hardlimit=15,
         tap_timeout=1.0,
         quotas={"tap": 40},
     )
@@ -312,14 +312,14 @@ def strict(tap_repo: Repository, tap_cluster: PostgresCluster) -> Iterator[TapSe
 
 def test_default_maxrec_overflow_warns_and_the_hard_limit_caps(strict: TapServer) -> None:
     tap = service(strict)
-    assert (tap.maxrec, tap.hardlimit) == (10, 30)
+    assert (tap.maxrec, tap.hardlimit) == (10, 15)
     with pytest.warns(DALOverflowWarning):
         r = tap.run_sync("SELECT TOP 20 objectId FROM dp1.Object")
     assert len(r) == 10 and r.query_status == "OVERFLOW"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DALOverflowWarning)
         r = tap.run_sync("SELECT objectId FROM dp1.Object", maxrec=1000)
-    assert len(r) == 30 and r.query_status == "OVERFLOW"
+    assert len(r) == 15 and r.query_status == "OVERFLOW"
 
 
 def test_a_token_without_read_tap_is_403(strict: TapServer) -> None:

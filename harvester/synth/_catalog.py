@@ -4,10 +4,14 @@ The rows come from the same deterministic source model the files are rendered
 from (:mod:`._model`): for every tract with images, the blocks of its patches and
 their eight neighbours are drawn with :func:`._model.block_catalog` and the AGN
 with :func:`._model.agn_catalog`, exactly as ``_build._patch_catalog`` draws them
-for rendering (same seed, same AGN positions to keep clear of). A source is a
-row when its centre lies inside the outer box of a patch the repository holds,
-i.e. where it was painted. An AGN (a point source on a host galaxy at the same
-position) is one row, as a detection pipeline would see it.
+for rendering (same seed, same AGN positions to keep clear of). As in DP1, an
+object is a row once, in the tract and patch it belongs to (the sky map's
+``findTract``/``findPatch``): every source drawn in its home tract whose home
+patch the repository holds is a row, at the position it was painted in that
+patch's image; a source painted only in the border of a patch whose neighbour is
+missing is not (DP1 has no Object where it has no coadd, and a cutout of it would
+find no image). An AGN (a point source on a host galaxy at the same position) is
+one row, as a detection pipeline would see it.
 
 What the columns mean here (DP1 names, ``lsst-sdm-schemas`` ``dp1.yaml``):
 
@@ -22,8 +26,8 @@ What the columns mean here (DP1 names, ``lsst-sdm-schemas`` ``dp1.yaml``):
   over the PSF's (or the source's) noise-equivalent area, plus the source's own
   Poisson term, as the VARIANCE plane has them.
 * magnitudes: ``-2.5 log10(flux / nJy) + 31.4``, errors ``1.0857 err / flux``.
-* a band the repository has no image of at the source's position: NaN fluxes and
-  magnitudes, flags set (as DP1 for a band without data).
+* a band the repository has no image of for the source's home patch: NaN fluxes
+  and magnitudes, flags set (as DP1 for a band without data).
 * ``<b>_extendedness``: 1 when ``psfFlux / cModelFlux < 0.985`` (the DP1 rule),
   else 0; ``refBand``: the first measured of i, r, z, y, g, u.
 * ``objectId``: ``((tract * (n + 2)^2 + block) * 2^24 + k)``, ``block`` the
@@ -199,6 +203,7 @@ class _Sources:
     tract: int
     x: FloatArray
     y: FloatArray
+    patch: npt.NDArray[np.int64]  # home patch (findPatch)
     block: npt.NDArray[np.int64]  # (by + 1) * (n + 2) + (bx + 1)
     seq: npt.NDArray[np.int64]
     flux: dict[str, FloatArray]  # total, nJy
@@ -285,20 +290,23 @@ def _tract_sources(skymap: SkyMap, repo: Repository, record: SynthRecord, tract:
                 ]
             )
             flux[b] = flux_b
-    painted = np.zeros(len(x), dtype=bool)
-    cx, cy = np.floor(x + 0.5), np.floor(y + 0.5)
-    for p in patches:
-        box = skymap.patch_outer_box(p)
-        painted |= (cx >= box.x0) & (cx < box.x1) & (cy >= box.y0) & (cy < box.y1)
+    # DP1's Object holds each object once, in the tract and patch it belongs to (the
+    # sky map's findTract and findPatch, the rule harvester plans cutouts by): a row
+    # is a source drawn in its home tract whose home patch the repository holds, so
+    # it is painted in the very image a cutout of it is read from.
+    ra, dec = skymap.pixel_to_sky(np.full(len(x), tract), x, y)
+    home = skymap.locate(ra, dec)
+    keep = (home.tract == tract) & np.isin(home.patch, patches)
     return _Sources(
         tract,
-        x[painted],
-        y[painted],
-        code[painted],
-        seq[painted],
-        {b: v[painted] for b, v in flux.items()},
-        {b: v[painted] for b, v in ratio.items()},
-        {b: v[painted] for b, v in nea.items()},
+        x[keep],
+        y[keep],
+        home.patch[keep].astype(np.int64),
+        code[keep],
+        seq[keep],
+        {b: v[keep] for b, v in flux.items()},
+        {b: v[keep] for b, v in ratio.items()},
+        {b: v[keep] for b, v in nea.items()},
     )
 
 
@@ -345,11 +353,9 @@ def _rows(skymap: SkyMap, repo: Repository, parts: list[_Sources]) -> ObjectCata
             "objectId overflow or collision: the sky map's tract numbers are too large"
         )
     order = np.argsort(object_id, kind="stable")
-    bx = code % (n + 2) - 1
-    by = code // (n + 2) - 1
-    patch = np.clip(by, 0, n - 1) * n + np.clip(bx, 0, n - 1)
+    patch = np.concatenate([p.patch for p in parts])
     ra, dec = skymap.pixel_to_sky(tract, x, y)
-    measured = _measured(skymap, repo, tract, x, y)
+    measured = _measured(repo, tract, patch)
     scale = skymap.config.pixel_scale_arcsec
     cols: dict[str, npt.NDArray[np.generic]] = {
         "objectId": object_id,
@@ -406,16 +412,11 @@ def _rows(skymap: SkyMap, repo: Repository, parts: list[_Sources]) -> ObjectCata
 
 
 def _measured(
-    skymap: SkyMap, repo: Repository, tract: npt.NDArray[np.int64], x: FloatArray, y: FloatArray
+    repo: Repository, tract: npt.NDArray[np.int64], patch: npt.NDArray[np.int64]
 ) -> dict[str, npt.NDArray[np.bool_]]:
-    """Per band: is the source's centre inside an image of that band?"""
-    cx, cy = np.floor(x + 0.5), np.floor(y + 0.5)
-    out = {b: np.zeros(len(x), dtype=bool) for b in BAND_ORDER}
+    """Per band: does the repository hold the source's home image in that band?"""
+    out = {b: np.zeros(len(tract), dtype=bool) for b in BAND_ORDER}
     for ref in repo:
-        if ref.band not in out:
-            continue
-        box = skymap.patch_outer_box(ref.patch)
-        out[ref.band] |= (
-            (tract == ref.tract) & (cx >= box.x0) & (cx < box.x1) & (cy >= box.y0) & (cy < box.y1)
-        )
+        if ref.band in out:
+            out[ref.band] |= (tract == ref.tract) & (patch == ref.patch)
     return out
