@@ -173,7 +173,7 @@ class ServiceSettings:
         Fault kinds to draw from: ``500``, ``503``, ``reset``, ``truncate``, ``slow``.
     fault_routes : frozenset of str
         Route kinds subject to latency, faults and outages (default: SIA, DataLink,
-        SODA, storage and results).
+        SODA, storage, results and TAP's ``sync``, ``async`` and ``tables``).
     slow_body_seconds : float
         How long a ``slow`` fault takes to trickle a body out.
     seed : int

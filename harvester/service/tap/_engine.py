@@ -193,6 +193,10 @@ class TapEngine:
     def close(self) -> None:
         """Close every connection and stop a cluster of our own. Idempotent."""
         self.ready = False
+        for conn in self._connections:
+            # A query still running (a sync client gone, a job at shutdown) stops now,
+            # so the worker threads can be joined.
+            conn.cancel_safe()
         self.executor.shutdown(wait=True, cancel_futures=True)
         for conn in self._connections:
             conn.close()

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -110,9 +111,15 @@ async def tap_sync(request: web.Request) -> web.StreamResponse:
     except AdqlError as exc:
         return _error(str(exc))
     except asyncio.CancelledError:
-        cancel.cancel()  # the client went away: stop the query too
+        cancel.cancel()  # the client went away (or the server stops): stop the query too
+        work.add_done_callback(_retrieve)  # its "query aborted" is nobody's news
         raise
     return web.Response(body=body, content_type=VOTABLE_TYPE, headers=headers)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # ---- async (UWS) -------------------------------------------------------------------
