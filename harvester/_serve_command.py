@@ -26,7 +26,8 @@ def add_serve_command(sub: Any) -> None:
         help="serve a repository the way the Rubin Science Platform serves DP1",
         description="Serve a repository over HTTP like the RSP serves DP1: discovery, "
         "SIA v2, DataLink, SODA sync cutouts, signed file URLs with Range, tokens, "
-        "quotas, and optional injected latency and faults.",
+        "quotas, optional TAP (--tap: ADQL on PostgreSQL + pg_sphere), and optional "
+        "injected latency and faults.",
     )
     srv.add_argument("repo", help="repository folder")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -88,6 +89,26 @@ def add_serve_command(sub: Any) -> None:
         "files; needs harvester[butler-server]",
     )
     srv.add_argument("--butler-port", type=int, default=0, help="its port (0: any free port)")
+    tap = srv.add_argument_group("TAP (needs pip install 'harvester[tap]', PostgreSQL, pg_sphere)")
+    tap.add_argument(
+        "--tap",
+        action="store_true",
+        help="serve TAP at /api/tap (dp1.Object, ivoa.ObsCore) on a throwaway PostgreSQL "
+        "cluster started and stopped with the server; --token tokens get read:tap too",
+    )
+    tap.add_argument(
+        "--tap-dsn",
+        metavar="DSN",
+        help="load the TAP tables into this existing database instead (libpq string, e.g. "
+        "'host=/run/postgresql dbname=tap'; its schemas dp1, ivoa, tap_schema are replaced)",
+    )
+    tap.add_argument("--tap-maxrec", type=int, default=10000, help="MAXREC when none is given")
+    tap.add_argument(
+        "--tap-hardlimit", type=int, default=100000, help="most rows any TAP query returns"
+    )
+    tap.add_argument(
+        "--tap-timeout", type=float, default=60.0, help="statement timeout of a sync query (s)"
+    )
     srv.set_defaults(func=_cmd_serve)
 
 
@@ -103,8 +124,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
     tokens = load_tokens_file(args.tokens_file) if args.tokens_file else {}
+    use_tap = bool(args.tap or args.tap_dsn)
     for token in args.token:
-        tokens[token] = frozenset({"read:image"})
+        tokens[token] = frozenset({"read:image", "read:tap"} if use_tap else {"read:image"})
     quotas: dict[str, int] = dict(DEFAULT_QUOTAS)
     for item in args.quota:
         name, limit = parse_quota(item)
@@ -132,6 +154,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         outage_after=args.outage_after,
         # A Butler datastore holds plain URLs: storage answers them unsigned.
         public_store=args.butler,
+        tap=use_tap,
+        tap_dsn=args.tap_dsn,
+        tap_maxrec=args.tap_maxrec,
+        tap_hardlimit=args.tap_hardlimit,
+        tap_timeout=args.tap_timeout,
     )
     settings.check_startable()
     repo = load_repository(args.repo)
@@ -143,6 +170,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         auth = "no auth" if args.no_auth else f"{len(tokens)} token(s)"
         print(f"Serving {args.repo} ({len(repo)} files) as '{args.dataset}' at {url} ({auth})")
         print(f"  discovery: {url}/repertoire/discovery   stop with Ctrl-C", flush=True)
+        if use_tap:
+            where = "an existing database" if args.tap_dsn else "a throwaway PostgreSQL cluster"
+            print(f"  TAP: {url}/api/tap on {where} (token scope read:tap)", flush=True)
         if args.butler:
             # In a thread: ingest checks each file's URL on this very server.
             starter = threading.Thread(
@@ -157,6 +187,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM (a service manager, `timeout`) stops like Ctrl-C: temporary folders
     # and the Butler server are cleaned up.
     signal.signal(signal.SIGTERM, _interrupt)
+    if use_tap:
+        print("Loading the TAP database (PostgreSQL + pg_sphere)...", flush=True)
     try:
         with extras:
             try:

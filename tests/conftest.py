@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -10,6 +12,10 @@ import pytest
 from harvester.repo import Repository
 from harvester.skymap import SkyMap, SkyMapConfig
 from harvester.synth import AgnList, SynthSpec, build_repository
+
+if TYPE_CHECKING:
+    from harvester.service import TapServer
+    from harvester.service.tap import PostgresCluster
 
 #: Tracts of ~400 px (4 x 4 patches of 100 px, border 20): real geometry rules, tiny files.
 TINY = SkyMapConfig(
@@ -95,3 +101,54 @@ def local_run(tiny_repo: Repository, tmp_path_factory: pytest.TempPathFactory) -
     targets = random_targets(tiny_repo, "random:600", 1)
     anyio.run(run_harvest, run_config(tiny_repo, out, "local"), targets)
     return out
+
+
+# ---- TAP (harvester serve --tap) -----------------------------------------------------------
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say up front whether the TAP tests can run (they skip, with this reason, if not)."""
+    import shutil
+
+    from harvester.service import tap_unavailable
+
+    reason = tap_unavailable()
+    stilts = shutil.which("stilts") or "missing (the taplint test will skip)"
+    return f"TAP: {'PostgreSQL + pg_sphere found' if reason is None else reason}; stilts: {stilts}"
+
+
+@pytest.fixture(scope="session")
+def tap_repo(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tract: int, tiny_agn: AgnList
+) -> Repository:
+    """All 16 patches of the test tract in g and r (the tutorial query's bands)."""
+    root = tmp_path_factory.mktemp("taprepo")
+    spec = SynthSpec(
+        patches=tuple((tiny_tract, p) for p in range(16)),
+        bands=("g", "r"),
+        seed=7,
+        agn=tiny_agn,
+        skymap=TINY,
+    )
+    return build_repository(root, spec)
+
+
+@pytest.fixture(scope="session")
+def tap_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL + pg_sphere cluster for the session; skips with the reason."""
+    from harvester.service import testing
+
+    reason = testing.tap_unavailable()
+    if reason is not None:
+        pytest.skip(f"TAP cannot run here: {reason}")
+    with testing.tap_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tap_server(tap_repo: Repository, tap_cluster: PostgresCluster) -> Iterator[TapServer]:
+    """``harvester serve --tap`` on ``tap_repo``: ``.tap_url``, ``.token`` (both scopes)."""
+    from harvester.service import serve_tap_in_thread
+
+    with serve_tap_in_thread(tap_repo, tap_cluster) as server:
+        yield server

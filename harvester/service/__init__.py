@@ -9,6 +9,8 @@ Routes (``dp1`` is the dataset label):
 * ``GET|POST /api/datalink/links``: DataLink, many IDs per request;
 * ``GET|POST /api/cutout/sync``: SODA sync cutouts, answered with 303 to a signed
   result URL; ``/api/cutout/capabilities`` and ``/availability`` are VOSI;
+* ``/api/tap/...`` with ``ServiceSettings(tap=True)`` (``harvester serve --tap``):
+  TAP on PostgreSQL + pg_sphere, see :mod:`harvester.service.tap`;
 * ``GET /api/harvester/repository``: an extension, not an RSP service: the
   repository index as JSON, for clients that plan without SIA;
 * ``GET|HEAD /_store/<uuid>.fits?X-Amz-...``: signed file URLs (DataLink ``#this``)
@@ -35,7 +37,17 @@ from ._settings import (
     parse_tokens,
 )
 from ._state import RequestRecord
-from .testing import FakeClock, ServerHandle, serve, serve_in_thread
+from .testing import (
+    FakeClock,
+    ServerHandle,
+    TapServer,
+    serve,
+    serve_in_thread,
+    serve_tap,
+    serve_tap_in_thread,
+    tap_cluster,
+    tap_unavailable,
+)
 
 __all__ = [
     "DATA_ROUTES",
@@ -46,6 +58,7 @@ __all__ = [
     "RequestRecord",
     "ServerHandle",
     "ServiceSettings",
+    "TapServer",
     "create_app",
     "load_tokens_file",
     "parse_faults",
@@ -54,4 +67,8 @@ __all__ = [
     "run_server",
     "serve",
     "serve_in_thread",
+    "serve_tap",
+    "serve_tap_in_thread",
+    "tap_cluster",
+    "tap_unavailable",
 ]

@@ -33,17 +33,27 @@ from ._datalink import datalink_links
 from ._discovery import discovery, repository_index
 from ._faults import FaultInjector
 from ._files import results_file, store_file
-from ._http import DELAY, FAULT, FAULT_APPLIED, KIND, add_headers, apply_headers, text_response
+from ._http import (
+    DELAY,
+    FAULT,
+    FAULT_APPLIED,
+    KIND,
+    USER,
+    add_headers,
+    apply_headers,
+    text_response,
+)
 from ._obscore import ObsCoreTable
 from ._results import ResultStore
 from ._send import abort_connection, write_pieces
-from ._settings import QUOTA_SERVICES, ROUTE_KINDS, SCOPE_IMAGE, ServiceSettings
+from ._settings import QUOTA_SERVICES, ROUTE_KINDS, SCOPE_IMAGE, SCOPE_TAP, ServiceSettings
 from ._sia import sia_availability, sia_capabilities, sia_query
 from ._signing import Signer
 from ._soda import soda_availability, soda_capabilities, soda_sync
 from ._state import STATE, RequestRecord, ServiceState
+from .tap._routes import TAP_ROUTES
 
-__all__ = ["ROUTE_KINDS", "create_app"]
+__all__ = ["ROUTE_KINDS", "announce", "create_app"]
 
 log = logging.getLogger("harvester.service")
 
@@ -64,10 +74,15 @@ _ROUTES: tuple[tuple[tuple[str, ...], str, Handler, str], ...] = (
     (("GET",), "/_results/{name}", results_file, "results"),
 )
 
-_KIND_OF: dict[object, str] = {handler: kind for _, _, handler, kind in _ROUTES}
-#: Routes behind the token front door, all with the read:image scope.
-_AUTH_KINDS = frozenset({"sia", "datalink", "cutout", "repository"})
-_USER = web.RequestKey("harvester_user", str)
+_KIND_OF: dict[object, str] = {handler: kind for _, _, handler, kind in _ROUTES + TAP_ROUTES}
+#: Routes behind the token front door, and the scope each needs.
+_AUTH_SCOPES = {
+    "sia": SCOPE_IMAGE,
+    "datalink": SCOPE_IMAGE,
+    "cutout": SCOPE_IMAGE,
+    "repository": SCOPE_IMAGE,
+    "tap": SCOPE_TAP,
+}
 
 
 @web.middleware
@@ -153,14 +168,14 @@ async def _latency(request: web.Request, handler: Handler) -> web.StreamResponse
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
     kind = request[KIND]
-    if kind in _AUTH_KINDS and state.settings.auth:
-        result = authenticate(request, state.settings.tokens, SCOPE_IMAGE, request.host)
+    if kind in _AUTH_SCOPES and state.settings.auth:
+        result = authenticate(request, state.settings.tokens, _AUTH_SCOPES[kind], request.host)
         if result.response is not None:
             return result.response
         assert result.user is not None
-        request[_USER] = result.user
+        request[USER] = result.user
     else:
-        request[_USER] = f"ip-{request.remote}"
+        request[USER] = f"ip-{request.remote}"
     return await handler(request)
 
 
@@ -169,7 +184,7 @@ async def _quota(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
     kind = request[KIND]
     if kind in QUOTA_SERVICES:
-        q = state.quotas.hit(kind, request[_USER], QUOTA_SERVICES[kind])
+        q = state.quotas.hit(kind, request[USER], QUOTA_SERVICES[kind])
         if q is not None:
             add_headers(request, quota_headers(q))
             if not q.allowed:
@@ -315,7 +330,14 @@ def create_app(repo: Repository, settings: ServiceSettings | None = None) -> web
         app["received"] = state.received
         app["stats"] = state.stats
         app["faults"] = state.fault_counts
-    for methods, path, handler, _ in _ROUTES:
+    routes = _ROUTES
+    if settings.tap:
+        from .tap._service import TapService
+
+        state.tap = TapService(settings, repo, settings.clock)
+        routes += TAP_ROUTES
+        app.cleanup_ctx.append(_tap_lifecycle)
+    for methods, path, handler, _ in routes:
         for method in methods:
             if method == "GET":
                 app.router.add_get(path, handler)  # and HEAD
@@ -323,3 +345,24 @@ def create_app(repo: Repository, settings: ServiceSettings | None = None) -> web
                 app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+async def _tap_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    tap = app[STATE].tap
+    assert tap is not None
+    async with tap.running():
+        yield
+
+
+async def announce(app: web.Application, url: str, reachable: bool = True) -> None:
+    """Tell the application where it listens, once it does.
+
+    Sets the bound URL (unless the address is not one clients can use, such as
+    0.0.0.0: answers then carry each request's own origin) and, with TAP on,
+    loads ``ivoa.ObsCore`` (whose rows carry the server's URL) and marks TAP up.
+    """
+    state = app[STATE]
+    if reachable:
+        state.bound_url = url
+    if state.tap is not None:
+        await state.tap.publish(state.settings.base_url or url)

@@ -36,9 +36,12 @@ __all__ = ["REPOSITORY_FORMAT", "discovery", "discovery_document", "repository_i
 REPOSITORY_FORMAT = "harvester-service-repository"
 
 
-def discovery_document(base: str, dataset: str) -> dict[str, Any]:
-    """The Repertoire document (§1.2 of the protocol notes) for this server."""
-    return {
+def discovery_document(base: str, dataset: str, tap: bool = False) -> dict[str, Any]:
+    """The Repertoire document (§1.2 of the protocol notes) for this server.
+
+    ``tap``: list TAP (``datasets.<label>.services.tap``), only while it is up.
+    """
+    doc: dict[str, Any] = {
         "datasets": {
             dataset: {
                 "services": {
@@ -69,12 +72,19 @@ def discovery_document(base: str, dataset: str) -> dict[str, Any]:
         "services": {"internal": {}, "ui": {}},
         "influxdb_databases": {},
     }
+    if tap:
+        doc["datasets"][dataset]["services"]["tap"] = {
+            "url": f"{base}/api/tap",
+            "versions": {"tables": {"url": f"{base}/api/tap/tables"}},
+        }
+    return doc
 
 
 async def discovery(request: web.Request) -> web.StreamResponse:
     """``GET /repertoire/discovery`` (anonymous, CORS open)."""
     state = request.app[STATE]
-    doc = discovery_document(state.base_url(request), state.settings.dataset)
+    tap = state.tap is not None and state.tap.ready
+    doc = discovery_document(state.base_url(request), state.settings.dataset, tap=tap)
     return web.json_response(doc, headers={"Access-Control-Allow-Origin": "*"})
 
 

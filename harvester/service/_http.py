@@ -15,6 +15,7 @@ __all__ = [
     "FAULT",
     "FAULT_APPLIED",
     "KIND",
+    "USER",
     "Params",
     "add_headers",
     "apply_headers",
@@ -30,6 +31,8 @@ FAULT = web.RequestKey("harvester_fault", str)
 FAULT_APPLIED = web.RequestKey("harvester_fault_applied", str)
 #: The latency injected before answering this request, in seconds.
 DELAY = web.RequestKey("harvester_delay", float)
+#: Who is asking: a token's user name, or ``ip-<address>`` without auth.
+USER = web.RequestKey("harvester_user", str)
 #: Headers every answer to this request must carry (quota headers).
 EXTRA_HEADERS = web.RequestKey("harvester_extra_headers", dict[str, str])
 

@@ -17,15 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..repo import Repository
+from ..repo import DatasetRef, Repository
 from ._geometry import PolygonSet
 from ._ids import DatasetIndex, datalink_url, publisher_did
 from ._votable import Field, td
 
 __all__ = [
+    "ACCESS_URL",
     "FIELDS",
     "SPECTRAL_RANGES",
     "ObsCoreTable",
+    "obscore_record",
 ]
 
 #: Band -> (em_min, em_max) in metres (``dp1.yaml`` ``spectral_ranges``).
@@ -177,6 +179,70 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
+#: Position of ``access_url`` in :data:`FIELDS`: the one value that depends on the
+#: server's base URL, filled in per answer.
+ACCESS_URL = next(i for i, f in enumerate(FIELDS) if f.name == "access_url")
+
+
+def obscore_record(
+    ref: DatasetRef,
+    dataset: str,
+    skymap_name: str,
+    side: int,
+    centre: tuple[float, float, float],
+) -> tuple[object, ...]:
+    """One dataset's ObsCore values in :data:`FIELDS` order (``dp1.yaml`` rules).
+
+    The one source of ObsCore rows: SIA renders them as ``TD`` cells, TAP loads
+    them into ``ivoa.ObsCore``. ``access_url`` is ``None`` here (it depends on the
+    base URL: :meth:`ObsCoreTable.record`); ``centre`` is ``(s_ra, s_dec, s_fov)``.
+    A dataset type with a time span would fill ``t_min``, ``t_max`` and
+    ``t_exptime`` here.
+    """
+    region = " ".join(f"{ra:.6f} {dec:.6f}" for ra, dec in ref.polygon)
+    em_min, em_max = SPECTRAL_RANGES.get(ref.band, (math.nan, math.nan))
+    s_ra, s_dec, s_fov = centre
+    return (
+        "image",
+        f"lsst.{ref.dataset_type}",
+        "Rubin:Simonyi",
+        3,
+        None,
+        f"{skymap_name}-{ref.tract}-{ref.patch}",
+        f"LSST.{dataset.upper()}",
+        publisher_did(dataset, ref.id),
+        None,  # access_url
+        "application/x-votable+xml;content=datalink",
+        None,
+        side,
+        side,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        em_min,
+        em_max,
+        None,
+        ref.band,
+        "phot.flux.density",
+        None,
+        "LSSTComCam",
+        None,
+        None,
+        ref.tract,
+        ref.patch,
+        ref.band,
+        None,
+        f"{ref.dataset_type} - {ref.band} - tract={ref.tract} patch={ref.patch}",
+        s_ra,
+        s_dec,
+        s_fov,
+        f"POLYGON ICRS {region}",
+    )
+
+
 @dataclass(frozen=True)
 class ObsCoreTable:
     """The ObsCore rows of every dataset, as column arrays.
@@ -190,6 +256,8 @@ class ObsCoreTable:
     calib_level : ndarray of int
     subtype : tuple of str
         ``dataproduct_subtype`` (``lsst.<dataset type>``) of each dataset.
+    records : tuple of tuple
+        Every dataset's :func:`obscore_record`.
     """
 
     index: DatasetIndex
@@ -201,7 +269,8 @@ class ObsCoreTable:
     em_max: npt.NDArray[np.float64]
     calib_level: npt.NDArray[np.int64]
     subtype: tuple[str, ...]
-    static_cells: tuple[tuple[str, str, str], ...]
+    records: tuple[tuple[object, ...], ...]
+    static_cells: tuple[tuple[str, str], ...]
     skymap_name: str
 
     @classmethod
@@ -216,55 +285,23 @@ class ObsCoreTable:
         em = np.array([SPECTRAL_RANGES.get(ref.band, (math.nan, math.nan)) for ref in refs])
         em = em.reshape(len(refs), 2)
         side = repo.skymap.config.patch_inner + 2 * repo.skymap.config.patch_border
-        collection = f"LSST.{dataset.upper()}"
         skymap_name = repo.skymap.config.name
-        cells = []
-        for ref in refs:
-            # Cells before access_url and after it; the URL depends on the base URL.
-            region = " ".join(f"{ra:.6f} {dec:.6f}" for ra, dec in ref.polygon)
-            head = "".join(
-                [
-                    td("image"),
-                    td(f"lsst.{ref.dataset_type}"),
-                    td("Rubin:Simonyi"),
-                    td(3),
-                    td(None),
-                    td(f"{skymap_name}-{ref.tract}-{ref.patch}"),
-                    td(collection),
-                    td(publisher_did(dataset, ref.id)),
-                ]
+        records = tuple(
+            obscore_record(
+                ref,
+                dataset,
+                skymap_name,
+                side,
+                (float(s_ra[i]), float(s_dec[i]), float(s_fov[i])),
             )
-            em_min, em_max = SPECTRAL_RANGES.get(ref.band, (math.nan, math.nan))
-            tail = "".join(
-                [
-                    td("application/x-votable+xml;content=datalink"),
-                    td(None),
-                    td(side),
-                    td(side),
-                    td(None),
-                    td(None),
-                    td(None),
-                    td(None),
-                    td(None),
-                    td(None),
-                    td(em_min),
-                    td(em_max),
-                    td(None),
-                    td(ref.band),
-                    td("phot.flux.density"),
-                    td(None),
-                    td("LSSTComCam"),
-                    td(None),
-                    td(None),
-                    td(ref.tract),
-                    td(ref.patch),
-                    td(ref.band),
-                    td(None),
-                    td(f"{ref.dataset_type} - {ref.band} - tract={ref.tract} patch={ref.patch}"),
-                ]
-            )
-            cells.append((head, tail, td(f"POLYGON ICRS {region}")))
-        calib = np.full(len(refs), 3, dtype=np.int64)
+            for i, ref in enumerate(refs)
+        )
+        # Cells before access_url and after it, rendered once.
+        cells = tuple(
+            ("".join(map(td, rec[:ACCESS_URL])), "".join(map(td, rec[ACCESS_URL + 1 :])))
+            for rec in records
+        )
+        calib = np.array([rec[3] for rec in records], dtype=np.int64)
         return cls(
             index,
             polygons,
@@ -275,21 +312,27 @@ class ObsCoreTable:
             em[:, 1] if len(refs) else np.zeros(0),
             calib,
             tuple(f"lsst.{ref.dataset_type}" for ref in refs),
-            tuple(cells),
+            records,
+            cells,
             skymap_name,
         )
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def access_url(self, base_url: str, i: int) -> str:
+        """The DataLink URL of dataset ``i`` behind ``base_url``."""
+        return datalink_url(base_url, self.index.dataset, self.index.refs[i].id)
+
+    def record(self, base_url: str, i: int) -> tuple[object, ...]:
+        """Dataset ``i``'s ObsCore values, ``access_url`` included."""
+        rec = self.records[i]
+        return (*rec[:ACCESS_URL], self.access_url(base_url, i), *rec[ACCESS_URL + 1 :])
+
     def rows(self, base_url: str, selected: Sequence[int]) -> str:
         """``TR`` elements of the selected datasets."""
         out = []
-        dataset = self.index.dataset
         for i in selected:
-            head, tail, region = self.static_cells[i]
-            ref = self.index.refs[i]
-            spatial = td(float(self.s_ra[i])) + td(float(self.s_dec[i])) + td(float(self.s_fov[i]))
-            url = td(datalink_url(base_url, dataset, ref.id))
-            out.append(f"<TR>{head}{url}{tail}{spatial}{region}</TR>\n")
+            head, tail = self.static_cells[i]
+            out.append(f"<TR>{head}{td(self.access_url(base_url, i))}{tail}</TR>\n")
         return "".join(out)

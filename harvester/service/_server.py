@@ -8,13 +8,15 @@ Dependency rule: :mod:`._app`, :mod:`._connections`, :mod:`._settings` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from ..repo import Repository
-from ._app import create_app
+from ._app import announce, create_app
 from ._connections import GuardedSite
 from ._settings import ServiceSettings
 from ._state import STATE
@@ -57,11 +59,17 @@ async def _serve_forever(
         if ":" in shown:
             shown = f"[{shown}]"
         url = f"http://{shown}:{bound_port}"
-        if bound_host not in ("0.0.0.0", "::"):
-            app[STATE].bound_url = url
+        await announce(app, settings.base_url or url, bound_host not in ("0.0.0.0", "::"))
         if ready is not None:
             ready(settings.base_url or url)
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                # SIGTERM (kill, systemd, docker stop) shuts down as Ctrl-C does, so the
+                # TAP database and its folder go too, unless the caller handles it
+                # already (harvester serve does); only in the main thread.
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
     finally:
         await runner.cleanup()
 

@@ -49,12 +49,13 @@ ROUTE_KINDS = (
     "repository",
     "storage",
     "results",
+    "tap",
     "other",
 )
 
 #: Route kinds on which latency, faults and outages are injected (never discovery,
 #: VOSI or the repository index).
-DATA_ROUTES = frozenset({"sia", "datalink", "cutout", "storage", "results"})
+DATA_ROUTES = frozenset({"sia", "datalink", "cutout", "storage", "results", "tap"})
 
 #: The kinds of injected fault, by name.
 FAULT_KINDS = ("500", "503", "reset", "truncate", "slow")
@@ -68,6 +69,7 @@ QUOTA_SERVICES: Mapping[str, str] = types.MappingProxyType(
         "repository": "butler",
         "storage": "storage",
         "results": "results",
+        "tap": "tap",
     }
 )
 _QUOTA_ALIASES = {v: k for k, v in QUOTA_SERVICES.items()}
@@ -171,7 +173,7 @@ class ServiceSettings:
         Fault kinds to draw from: ``500``, ``503``, ``reset``, ``truncate``, ``slow``.
     fault_routes : frozenset of str
         Route kinds subject to latency, faults and outages (default: SIA, DataLink,
-        SODA, storage and results).
+        SODA, storage, results and TAP's ``sync``, ``async`` and ``tables``).
     slow_body_seconds : float
         How long a ``slow`` fault takes to trickle a body out.
     seed : int
@@ -193,6 +195,27 @@ class ServiceSettings:
         unanswered.
     max_body_bytes : int
         Largest POST body (413 beyond).
+
+    TAP (``harvester serve --tap``; see :mod:`harvester.service.tap`):
+
+    tap : bool
+        Serve TAP under ``/api/tap`` on a PostgreSQL + pg_sphere database.
+    tap_dsn : str, optional
+        An existing database (libpq connection string) to load the tables into;
+        ``None`` starts a throwaway cluster for the server's lifetime.
+    tap_maxrec, tap_hardlimit : int
+        MAXREC when none is given, and the most rows any query returns
+        (``outputLimit`` default and hard).
+    tap_timeout : float
+        Statement timeout in seconds of a sync query.
+    tap_execution_duration : float
+        Longest run of an async job in seconds (``executionDuration``).
+    tap_retention : float
+        Seconds an async job and its result are kept (``retentionPeriod``).
+    tap_workers : int
+        Queries running at once (database connections, translation threads).
+    tap_max_jobs : int
+        Async jobs kept per server; the oldest finished ones go first.
 
     Limits:
 
@@ -253,6 +276,15 @@ class ServiceSettings:
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     max_connections_per_client: int = 128
+    tap: bool = False
+    tap_dsn: str | None = None
+    tap_maxrec: int = 10000
+    tap_hardlimit: int = 100000
+    tap_timeout: float = 60.0
+    tap_execution_duration: float = 600.0
+    tap_retention: float = 86400.0
+    tap_workers: int = 2
+    tap_max_jobs: int = 200
 
     def __post_init__(self) -> None:
         self._check_identity()
@@ -262,6 +294,7 @@ class ServiceSettings:
         self._check_faults()
         self._check_connections()
         self._check_limits()
+        self._check_tap()
 
     def _set(self, key: str, value: object) -> None:
         object.__setattr__(self, key, value)
@@ -347,6 +380,18 @@ class ServiceSettings:
             _positive(key, getattr(self, key))
         if not callable(self.clock):
             raise _fail("clock", self.clock, "a callable returning epoch seconds")
+
+    def _check_tap(self) -> None:
+        if not isinstance(self.tap, bool):
+            raise _fail("tap", self.tap, "True or False")
+        if self.tap_dsn is not None and (not isinstance(self.tap_dsn, str) or not self.tap_dsn):
+            raise _fail("tap_dsn", self.tap_dsn, "a libpq connection string or None")
+        for key in ("tap_maxrec", "tap_hardlimit", "tap_workers", "tap_max_jobs"):
+            _count(key, getattr(self, key), 1)
+        if self.tap_maxrec > self.tap_hardlimit:
+            raise _fail("tap_maxrec", self.tap_maxrec, f"<= tap_hardlimit ({self.tap_hardlimit})")
+        for key in ("tap_timeout", "tap_execution_duration", "tap_retention"):
+            _positive(key, getattr(self, key))
 
     def replace(self, **changes: Any) -> ServiceSettings:
         """A copy with some fields changed."""

@@ -9,6 +9,7 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,6 +22,9 @@ from ._obscore import ObsCoreTable
 from ._results import ResultStore
 from ._settings import ServiceSettings
 from ._signing import Signer
+
+if TYPE_CHECKING:
+    from .tap._service import TapService
 
 __all__ = ["STATE", "RequestRecord", "ServiceState"]
 
@@ -73,6 +77,8 @@ class ServiceState:
     storage_with_authorization: int = 0
     #: Maps of the repository files served lately (see ``OpenFiles``).
     files: OpenFiles = field(default_factory=OpenFiles)
+    #: TAP (``settings.tap``): engine and jobs; ``tap.ready`` once it is up.
+    tap: TapService | None = None
 
     def base_url(self, request: web.Request) -> str:
         """The public URL prefix: configured, else bound, else the request's origin."""

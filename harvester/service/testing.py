@@ -24,6 +24,20 @@ An outage on the data routes, for a client's outage test::
 
 :class:`FakeClock` is a settable wall clock to pass as ``ServiceSettings.clock`` to
 test expiry and quota windows without sleeping.
+
+TAP (``harvester[tap]``, PostgreSQL and pg_sphere; :func:`tap_unavailable` says
+why not when they are missing): one throwaway cluster per test session, one
+fresh database per server::
+
+    with tap_cluster() as cluster:                      # once, e.g. a session fixture
+        with serve_tap_in_thread(repo, cluster) as tap:  # or: async with serve_tap(...)
+            tap.tap_url      # http://127.0.0.1:<port>/api/tap
+            tap.token        # a token with read:tap and read:image
+            tap.base_url     # the server (discovery: {base_url}/repertoire/discovery)
+            tap.server       # the ServerHandle (records, stats, faults)
+
+``tests/conftest.py`` wraps these as the fixtures ``tap_cluster`` (skipping
+loudly, with the reason, where TAP cannot run) and ``tap_server``.
 """
 
 from __future__ import annotations
@@ -34,19 +48,33 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ..repo import Repository
-from ._app import create_app
+from ._app import announce, create_app
 from ._connections import ConnectionGuard
 from ._faults import FaultInjector
 from ._server import start_runner
 from ._settings import ServiceSettings
 from ._state import STATE, RequestRecord, ServiceState
 
-__all__ = ["FakeClock", "ServerHandle", "serve", "serve_in_thread"]
+if TYPE_CHECKING:
+    from .tap._postgres import PostgresCluster
+
+__all__ = [
+    "DEFAULT_TAP_TOKEN",
+    "FakeClock",
+    "ServerHandle",
+    "TapServer",
+    "serve",
+    "serve_in_thread",
+    "serve_tap",
+    "serve_tap_in_thread",
+    "tap_cluster",
+    "tap_unavailable",
+]
 
 _HOST = "127.0.0.1"
 
@@ -126,7 +154,11 @@ async def _start(app: web.Application, port: int) -> tuple[web.AppRunner, str]:
     runner = await start_runner(app, _HOST, port, access_log=None, shutdown_timeout=2.0)
     bound = runner.addresses[0]
     url = f"http://{_HOST}:{bound[1]}"
-    app[STATE].bound_url = url
+    try:
+        await announce(app, url)
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner, url
 
 
@@ -213,3 +245,121 @@ def serve_in_thread(
         yield ServerHandle(box["url"], app, _stop=stop)
     finally:
         stop()
+
+
+# ---- TAP -------------------------------------------------------------------------
+
+#: The token :func:`serve_tap` and :func:`serve_tap_in_thread` accept by default.
+DEFAULT_TAP_TOKEN = "tap-token"
+
+
+def tap_unavailable() -> str | None:
+    """Why TAP cannot run here, or ``None`` if it can.
+
+    Checks the ``tap`` extra (psycopg, queryparser), PostgreSQL with pg_sphere,
+    and, as root, a ``postgres`` user for ``initdb``.
+    """
+    import os
+    import pwd
+
+    from .tap._engine import check_tap_modules
+    from .tap._postgres import TapUnavailable, find_postgres
+
+    try:
+        check_tap_modules()
+        find_postgres()
+    except TapUnavailable as exc:
+        return str(exc)
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and no 'postgres' user to run initdb as"
+    return None
+
+
+@contextmanager
+def tap_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL + pg_sphere cluster, stopped and removed on exit.
+
+    Start it from a thread that outlives its use (the test session's): the
+    postmaster stops when the thread that started it ends.
+
+    Raises
+    ------
+    harvester.service.tap.TapUnavailable
+        If it cannot run here (see :func:`tap_unavailable`).
+    """
+    from .tap._postgres import PostgresCluster
+
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@dataclass(frozen=True)
+class TapServer:
+    """A running server with TAP: where it is and a token that reaches it."""
+
+    server: ServerHandle
+    token: str
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def tap_url(self) -> str:
+        """``<base>/api/tap``, as discovery lists it (``datasets.dp1.services.tap.url``)."""
+        return f"{self.server.base_url}/api/tap"
+
+    @property
+    def dsn(self) -> str:
+        """The server's own database (for checks that bypass TAP)."""
+        dsn = self.server.state.settings.tap_dsn
+        assert dsn is not None
+        return dsn
+
+
+def _tap_settings(
+    cluster: PostgresCluster, settings: ServiceSettings | None, token: str
+) -> ServiceSettings:
+    base = settings or ServiceSettings()
+    tokens = dict(base.tokens)
+    tokens.setdefault(token, frozenset({"read:tap", "read:image"}))
+    return base.replace(tap=True, tap_dsn=cluster.new_database(), tokens=tokens)
+
+
+@contextmanager
+def serve_tap_in_thread(
+    repo: Repository,
+    cluster: PostgresCluster,
+    settings: ServiceSettings | None = None,
+    token: str = DEFAULT_TAP_TOKEN,
+) -> Iterator[TapServer]:
+    """:func:`serve_in_thread` with TAP on a fresh database of ``cluster``.
+
+    ``settings`` default to :class:`ServiceSettings`; ``token`` is added to its
+    tokens with ``read:tap`` and ``read:image`` (unless it is there already).
+    Returns once TAP is up (tables loaded, ObsCore published).
+    """
+    with serve_in_thread(repo, _tap_settings(cluster, settings, token)) as server:
+        yield TapServer(server, token)
+
+
+@asynccontextmanager
+async def serve_tap(
+    repo: Repository,
+    cluster: PostgresCluster,
+    settings: ServiceSettings | None = None,
+    token: str = DEFAULT_TAP_TOKEN,
+) -> AsyncIterator[TapServer]:
+    """:func:`serve` with TAP on a fresh database of ``cluster`` (see
+    :func:`serve_tap_in_thread`)."""
+    loop = asyncio.get_running_loop()
+    tap_settings = await loop.run_in_executor(None, _tap_settings, cluster, settings, token)
+    async with serve(repo, tap_settings) as server:
+        yield TapServer(server, token)

@@ -23,6 +23,7 @@ from ..masks import mask_header_cards
 from ..repo import DatasetRef, Repository, load_repository, write_index
 from ..skymap import LSST_CELLS_V1, SkyMap, SkyMapConfig
 from ..wcsheader import window_cards
+from ._catalog import write_synth_record
 from ._model import (
     BANDS,
     GAIN,
@@ -144,6 +145,8 @@ def build_repository(
     previous = _previous_refs(root)
     merged = {r.key: r for r in previous} | {r.key: r for r in refs}
     write_index(root, skymap, merged.values(), seed=spec.seed)
+    agn = spec.agn or AgnList((), (), ())
+    write_synth_record(root, spec.seed, agn.ids, agn.ra, agn.dec)  # for the catalogue
     return load_repository(root)
 
 
