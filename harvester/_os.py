@@ -17,9 +17,10 @@ from typing import IO, Any
 
 from .errors import ConfigError
 
-__all__ = ["lock_output", "pin_mmap_threshold", "release_free_memory"]
+__all__ = ["lock_output", "pin_mmap_threshold", "release_free_memory", "tune_worker_malloc"]
 
-#: ``M_MMAP_THRESHOLD`` from glibc's ``malloc.h``.
+#: ``M_TRIM_THRESHOLD`` and ``M_MMAP_THRESHOLD`` from glibc's ``malloc.h``.
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
@@ -57,6 +58,25 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, nbytes)
+
+
+def tune_worker_malloc(trim: int = 32 << 20) -> None:
+    """glibc tuning for a process that runs harvests but was started by someone else
+    (a Dask worker): the mmap threshold pinned as the command line pins it, and a
+    trim threshold of ``trim`` bytes.
+
+    Dask starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``, to hand memory
+    back eagerly. Setting it also stops glibc from raising its mmap threshold, so
+    in a worker every temporary array over 128 KiB was a fresh ``mmap``, faulted
+    page by page and unmapped again: 130,000 page faults per worker per 10^5
+    50-pixel cutouts (measured), against a few thousand once pinned here. Batch
+    buffers are pooled (``BufferPool``), so a larger trim threshold keeps only
+    what the next batch reuses.
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        mallopt(_M_TRIM_THRESHOLD, trim)
 
 
 def lock_output(out: Path) -> IO[str]:

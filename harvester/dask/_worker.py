@@ -13,7 +13,11 @@ planning in threads). It lives in the installed package, not in ``__main__``,
 so workers import it instead of unpickling a copy: every worker needs the same
 harvester installed.
 
-Dependency rule: ``distributed``, :mod:`harvester._shard`, ``_pipeline``,
+The plugin also tunes glibc's allocator in the worker process
+(:func:`harvester._os.tune_worker_malloc`): Dask's own setting made every
+temporary array a fresh ``mmap``.
+
+Dependency rule: ``distributed``, :mod:`harvester._os`, :mod:`harvester._shard`, ``_pipeline``,
 ``sources.open`` and :mod:`._limits`.
 """
 
@@ -26,6 +30,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .._os import tune_worker_malloc
 from .._pipeline import RunContext
 from .._shard import ShardResult, ShardSpec, run_shard
 from ..config import RunConfig
@@ -73,6 +78,7 @@ class HarvestPlugin(WorkerPlugin):
         return {**self.__dict__, "_states": {}}  # an open source never travels
 
     async def setup(self, worker: Any) -> None:
+        tune_worker_malloc()  # see there: Dask's allocator setting costs a fault per page
         reserve, penalize = scheduler_calls(worker)
         limits = ClusterLimits(self.config.service.url, self.workers, reserve, penalize)
         repo, source = await open_repository_and_source(self.config, None, limits)
