@@ -105,7 +105,7 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "url": ('"http://127.0.0.1:8080/"', "http://127.0.0.1:8080"),
         "dataset": ('"dp2"', "dp2"),
         "token": ('"t0ken"', "t0ken"),
-        "lookup": ('"sia"', "sia"),
+        "lookup": ('"obscore"', "obscore"),
         "cutout_per_minute": ("0", 0.0),
         "sia_per_minute": ("1.5", 1.5),
         "connections_per_host": ("2", 2),
