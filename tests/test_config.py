@@ -48,7 +48,7 @@ def _expected(section: str, key: str, value: Any) -> Any:
 
 
 def test_shipped_configs_exist() -> None:
-    assert [p.name for p in SHIPPED] == ["ecdfs_agn.toml", "large_synthetic.toml"]
+    assert [p.name for p in SHIPPED] == ["ecdfs_agn.toml", "ecdfs_tap.toml", "large_synthetic.toml"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -59,6 +59,10 @@ def test_shipped_configs_load(path: Path) -> None:
     checked = 0
     for section, table in doc.items():
         for key, value in table.items():
+            if (section, key) == ("targets", "query"):  # an ADQL target list: run.targets
+                assert config.targets == "adql:" + value.strip(), path.name
+                checked += 1
+                continue
             got = getattr(_section(config, section), key)
             assert got == _expected(section, key, value), f"{path.name}: {section}.{key}"
             checked += 1

@@ -529,3 +529,30 @@ async def test_targets_from_tap_in_async_code_with_a_snapshot(
     assert list(again.id) == list(got.id) and watch.records() == []
     with pytest.raises(ConfigError, match="another query"):
         await targets_from_tap(query + " AND 1 = 1", cfg)
+
+
+def test_the_shipped_demo_config_quotes_its_query(
+    tap_server: TapServer, catalog: Catalog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """configs/ecdfs_tap.toml as shipped, pointed at this server: the tutorial's query
+    (its circle holds the test tract) and the images from ObsCore."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "ecdfs_tap.toml"
+    d = great_circle_deg(catalog["coord_ra"], catalog["coord_dec"], 53.2, -28.1)
+    g, r = catalog["g_cModelMag"], catalog["r_cModelMag"]
+    want = (d < 0.5) & (g < 23) & (r < 23) & (g > 17) & (r > 17)
+    assert want.sum() >= 1
+    code, out, err = cli(
+        capsys,
+        "plan",
+        str(shipped),
+        "--service-url",
+        tap_server.base_url,
+        "--token",
+        tap_server.token,
+        "--output",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    assert re.search(rf"^targets\s+{want.sum()}$", out, re.M)
+    assert re.search(r"^ObsCore \(TAP\) .*: 1 query, \d+ images found, 0 not listed$", out, re.M)
+    assert "an async job" in err
