@@ -154,7 +154,7 @@ def _write_snapshot(folder: Path, query: str, got: Fetched, seconds: float) -> N
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=PARTIAL[0], suffix=PARTIAL[1], dir=folder.parent))
     try:
-        got.table.write(tmp / "targets.ecsv", format="ascii.ecsv")
+        _unmasked(got.table).write(tmp / "targets.ecsv", format="ascii.ecsv")
         (tmp / "query.adql").write_text(query + "\n")
         meta = {
             "query": query,
@@ -176,6 +176,19 @@ def _write_snapshot(folder: Path, query: str, got: Fetched, seconds: float) -> N
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unmasked(table: Any) -> Any:
+    """``table`` with plain columns where nothing is masked: pyvo makes every column
+    a MaskedColumn, which ECSV writes a cell at a time (10^5 rows of 3: 5 s, not 0.6)."""
+    from astropy.table import MaskedColumn
+
+    out = table.copy(copy_data=False)
+    for name in out.colnames:
+        col = out[name]
+        if isinstance(col, MaskedColumn) and not col.mask.any():
+            out.replace_column(name, col.filled())
+    return out
 
 
 def _fetch(config: RunConfig, query: str) -> Fetched:
