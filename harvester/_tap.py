@@ -85,6 +85,9 @@ class Fetched:
     queries: list[str] = field(default_factory=list)
     #: The column the pages were ordered by (None: one request was enough).
     paged_by: str | None = None
+    #: Seconds from the first query sent to the last row parsed (the service's
+    #: capabilities, read before, not counted).
+    seconds: float = 0.0
 
 
 def _checkpoint() -> None:
@@ -442,9 +445,11 @@ def fetch_query(
     got.pages = 1
     if not _overflowed(first):
         got.table = table
-        say(f"TAP: {len(table):,} rows in {time.monotonic() - started:.1f} s")
+        got.seconds = time.monotonic() - started
+        say(f"TAP: {len(table):,} rows in {got.seconds:.1f} s")
         return got
     if len(table) >= tap.maxrec:
+        got.seconds = time.monotonic() - started
         return _too_many(got, table[: tap.maxrec], tap)
     if len(table) < page:  # the service cut it below the MAXREC it was sent
         if not len(table):
@@ -520,6 +525,7 @@ def _pages(
         if ids:
             after = ids[-1]
     stacked = _stack(tables)
+    got.seconds = time.monotonic() - started
     if total > tap.maxrec:
         return _too_many(got, stacked[: tap.maxrec], tap)
     got.table = stacked

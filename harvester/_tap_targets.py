@@ -7,8 +7,9 @@ folder, ``tap/``:
 * ``targets.ecsv`` -- the rows, as fetched (astropy ECSV keeps the types: an
   ``objectId`` stays a 64-bit integer);
 * ``query.adql`` -- the query as given;
-* ``job.json`` -- the TAP URL, the job URLs, pages, rows, whether it was
-  truncated, when, and the columns.
+* ``job.json`` -- the TAP URL, the job URLs, requests, the column pages were
+  ordered by, rows, whether it was truncated, when, the columns, and seconds (all
+  of the fetch, and its queries alone).
 
 The folder is written under a temporary name (``.tap.<random>.partial``) and
 renamed, so it is whole or absent; a rename never replaces a snapshot another
@@ -167,6 +168,7 @@ def _write_snapshot(folder: Path, query: str, got: Fetched, seconds: float) -> N
             "columns": list(got.table.colnames),
             "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3),
+            "query_seconds": round(got.seconds, 3),
         }
         (tmp / "job.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
