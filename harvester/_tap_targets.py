@@ -24,7 +24,7 @@ Target columns default to DP1's ``objectId``, ``coord_ra`` and ``coord_dec`` whe
 the answer has them, else the usual spellings or the ``[targets]`` names; pages
 past the service's row limit are ordered by the same id column.
 
-Dependency rule: config, errors, targets, repo and :mod:`._tap`.
+Dependency rule: config, errors, targets, repo, :mod:`._tap` and :mod:`._tap_pages`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from typing import Any
 
 import anyio
 
-from ._tap import Fetched, TapClient, fetch_query, tap_url
+from ._tap import TapClient, tap_url
+from ._tap_pages import Fetched, fetch_query
 from .config import ADQL_PREFIX, RunConfig
 from .errors import ConfigError
 from .repo import Repository
@@ -206,7 +207,7 @@ def load_query_targets(config: RunConfig, repo: Repository, query: str) -> Targe
     Raises
     ------
     UsageError, ConfigError, TransientError
-        From the TAP service (see :func:`harvester._tap.fetch_query`), or the output
+        From the TAP service (see :func:`harvester._tap_pages.fetch_query`), or the output
         folder holds another query's snapshot.
     TargetError
         The answer is not a usable target list (rows named in the snapshot file).

@@ -22,7 +22,8 @@ its targets: the demo's 948 targets cost one query. An answer past the service's
 row limit is paged by ``obs_publisher_did``. DataLink then resolves each image's
 IVOA id to its file, as for the SIA lookup (:mod:`.remote`).
 
-Dependency rule: config, repo, :mod:`harvester._tap` and :mod:`._repository`.
+Dependency rule: config, repo, :mod:`harvester._tap`, :mod:`harvester._tap_pages` and
+:mod:`._repository`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._tap import TapClient, fetch_query
+from .._tap import TapClient
+from .._tap_pages import fetch_query
 from ..config import TapConfig
 from ..repo import DatasetRef
 from ._repository import RemoteRepository, _polygon, _uuid_of
