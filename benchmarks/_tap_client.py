@@ -2,8 +2,10 @@
 
 The TAP server runs in this process (``serve_tap_in_thread``: its database is at
 hand for the limit); each ``harvester run`` and the pyvo peer run in their own
-processes, so a client's peak memory is its own (``os.wait4``) and no client shares
-the server's interpreter.
+processes, so no client shares the server's interpreter. A client's peak memory is
+taken by a small Python shim that starts it and reads ``os.wait4`` (a child forked
+from this large process would count this process's pages as its own until it
+execs).
 """
 
 from __future__ import annotations
@@ -87,12 +89,9 @@ def _run(root: Path, srv: Any, query: str, out: Path, tap: dict[str, Any]) -> di
     env = dict(os.environ, ACCESS_TOKEN=srv.token)
     logs = out.with_suffix(".log")
     launched = time.time()
-    with logs.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak memory
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    code, peak = _measured(cmd, env, logs)
     ended = time.time()
-    if proc.returncode:
+    if code:
         raise RuntimeError(f"harvester run failed: {logs.read_text()[-2000:]}")
     stdout = logs.read_text()
     meta = json.loads((out / "tap" / "job.json").read_text())
@@ -118,9 +117,31 @@ def _run(root: Path, srv: Any, query: str, out: Path, tap: dict[str, Any]) -> di
         "harvest_per_s": done / (last - start),
         "ok": done,
         "wall_s": ended - launched,
-        "max_rss_mb": usage.ru_maxrss / 1024,
+        "max_rss_mb": peak,
         "report": stdout.strip().splitlines()[-4:],
     }
+
+
+def _measured(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+    """Run ``cmd`` (output to ``log``) through the shim: exit code, peak RSS in MB."""
+    peak = log.with_suffix(".rss")
+    with log.open("wb") as out:
+        code = subprocess.call(
+            [sys.executable, __file__, "rss", str(peak), *cmd],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return code, float(peak.read_text())
+
+
+def _rss_shim(peak: str, cmd: list[str]) -> None:
+    pid = os.fork()
+    if pid == 0:
+        os.execvp(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    Path(peak).write_text(str(usage.ru_maxrss / 1024))
+    raise SystemExit(os.waitstatus_to_exitcode(status))
 
 
 def _plan(root: Path, srv: Any, query: str, out: Path) -> dict[str, Any]:
@@ -137,15 +158,12 @@ def _plan(root: Path, srv: Any, query: str, out: Path) -> dict[str, Any]:
     startup = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)  # plan has no --fresh: it would reuse the snapshot
     t0 = time.perf_counter()
-    with out.with_suffix(".log").open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    code, peak = _measured(cmd, env, out.with_suffix(".log"))
+    if code:
         raise RuntimeError(f"harvester plan failed: {out.with_suffix('.log').read_text()}")
     return {
         "seconds": time.perf_counter() - t0,
-        "max_rss_mb": usage.ru_maxrss / 1024,
+        "max_rss_mb": peak,
         "python_startup_s": startup,
     }
 
@@ -307,4 +325,7 @@ def _limit_seconds(dsn: str, query: str, rows: int) -> float:
 
 
 if __name__ == "__main__":
-    _pyvo_main(*sys.argv[1:5])
+    if sys.argv[1] == "rss":
+        _rss_shim(sys.argv[2], sys.argv[3:])
+    else:
+        _pyvo_main(*sys.argv[1:5])
