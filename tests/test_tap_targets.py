@@ -556,3 +556,61 @@ def test_the_shipped_demo_config_quotes_its_query(
     assert re.search(rf"^targets\s+{want.sum()}$", out, re.M)
     assert re.search(r"^ObsCore \(TAP\) .*: 1 query, \d+ images found, 0 not listed$", out, re.M)
     assert "an async job" in err
+
+
+def test_the_snapshot_is_whole_or_absent_and_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written under a temporary name and renamed: a failure leaves nothing, and a
+    snapshot another process wrote first is kept (the later writer reads it)."""
+    from astropy.table import Table
+
+    from harvester import _tap_targets as tt
+    from harvester._tap_pages import Fetched
+
+    table = Table({"objectId": np.arange(3, dtype=np.int64) + 10**15, "coord_ra": [1.0] * 3})
+    got = Fetched(table=table, url="http://tap.example/api/tap", pages=1)
+    folder = tmp_path / "out" / "tap"
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Table, "write", broken)
+        with pytest.raises(OSError, match="No space left"):
+            tt._write_snapshot(folder, "SELECT 1", got, 0.1)
+    assert list((tmp_path / "out").iterdir()) == []  # no folder, no partial one
+    tt._write_snapshot(folder, "SELECT 1", got, 0.1)
+    first = (folder / "job.json").read_text()
+    other = Fetched(table=table[:1], url=got.url, pages=1)
+    tt._write_snapshot(folder, "SELECT 1", other, 0.2)  # lost the race: theirs stays
+    assert (folder / "job.json").read_text() == first
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tap"]
+    assert len(Table.read(folder / "targets.ecsv")) == 3
+    # A folder that is not a whole snapshot is named, with the way out.
+    (folder / "job.json").unlink()
+    with pytest.raises(ConfigError, match=r"not a whole TAP snapshot .*--fresh"):
+        tt._snapshot_matches(folder, "SELECT 1")
+
+
+def test_a_service_without_tap_is_named(
+    tap_repo: Repository, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """harvester serve without --tap: discovery lists no TAP, and both uses say so."""
+    from harvester.service import serve_in_thread
+
+    settings = ServiceSettings(tokens={"t": frozenset({"read:image", "read:tap"})})
+    with serve_in_thread(tap_repo, settings) as server:
+        base = ["--service-url", server.base_url, "--token", "t", "--output", str(tmp_path)]
+        code, _, err = cli(
+            capsys, "plan", "--targets", "adql:SELECT objectId FROM dp1.Object", *base
+        )
+        assert code == 1 and "has no TAP service; set tap.url (--tap-url)" in err
+        toml = tmp_path / "c.toml"
+        toml.write_text('[service]\nlookup = "obscore"\n')
+        targets = tmp_path / "t.csv"
+        targets.write_text("id,ra,dec\na,53.3,-27.8\n")
+        code, _, err = cli(
+            capsys, "plan", str(toml), "--targets", str(targets), "--source", "http", *base
+        )
+        assert code == 1 and "lists no TAP service for 'dp1' (service.lookup = \"obscore\")" in err
