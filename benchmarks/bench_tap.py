@@ -1,4 +1,4 @@
-"""Benchmark: the TAP service side, per query: ADQL translation and database time, apart.
+"""Benchmark: TAP per query (service side), and a 10^5-row query into a harvest (client).
 
 Starts ``harvester serve --tap`` on loopback (a throwaway PostgreSQL + pg_sphere
 cluster, the repository's dp1.Object and ObsCore), then sends each query with sync
@@ -13,15 +13,29 @@ TAP (HTTP POST, as pyvo's ``run_sync`` does) and reads the server's own timings
 
 The limit is the same SQL run straight on the same database with psycopg (fetching
 the rows as text, no translation, no VOTable, no HTTP): the ratio says what TAP
-adds. Rows per second fetched by a client (paging, pyvo parsing) are the client's
-part of the benchmark and are measured with ``harvester run --targets adql:...``.
+adds.
+
+The client part (``--part client``; :func:`client_part`) builds a larger synthetic
+repository in a work folder (``--patches`` lsst_cells_v1 patches of tract 5063, band
+r, about 2,600 objects each: 10^5 Object rows at 40), serves it with ``harvester
+serve --tap`` in its own process, and runs ``harvester run --targets adql:...`` on a
+query returning every row (a circle around the patches), with the pixels read from
+the local files, in a fresh process per variant: one request, pages of
+``--page-size`` rows (async and sync). It reports the rows fetched per second (the
+fetch as the snapshot records it: query, pages, parsing), the time from the
+command's start to its first cutout written, the harvest's rate (first batch to
+last), and the process's peak memory (max RSS). Peers in the same run: pyvo's own
+``run_async``/``run_sync`` of the query in one request (no snapshot, no targets),
+and the limit: the same SQL straight through psycopg.
 
 Run with::
 
     .venv/bin/python benchmarks/bench_tap.py [--repo data/ecdfs] [--repeat 5]
+    .venv/bin/python benchmarks/bench_tap.py --part client [--work DIR] [--patches 40]
 
-Results go to ``benchmarks/results/tap.json``. Not a test; wall-clock numbers on a
-shared machine (the load average is recorded).
+Results go to ``benchmarks/results/tap.json`` (``tap_client.json`` for the client
+part). Not a test; wall-clock numbers on a shared machine (the load average is
+recorded).
 """
 
 from __future__ import annotations
@@ -137,15 +151,28 @@ def measure(name: str, adql: str, base: str, token: str, dsn: str, repeat: int) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("server", "client", "both"), default="server")
     parser.add_argument("--repo", default="data/ecdfs", help="repository to serve")
     parser.add_argument("--repeat", type=int, default=5, help="warm runs per query")
     parser.add_argument("--quick", action="store_true", help="2 warm runs per query")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--work", default="/tmp/harvester-bench-tap", help="client part: its repository"
+    )
+    parser.add_argument("--patches", type=int, default=40, help="client part: patches")
+    parser.add_argument("--page-size", type=int, default=20000, help="client part: page")
     args = parser.parse_args(argv)
     reason = tap_unavailable()
     if reason is not None:
         print(f"bench_tap: TAP cannot run here: {reason}", file=sys.stderr)
         return 1
+    if args.part in ("client", "both"):
+        from _tap_client import client_part
+
+        repeat = 1 if args.quick else 3
+        rc = client_part(Path(args.work), args.patches, args.page_size, RESULTS.parent, repeat)
+        if rc or args.part == "client":
+            return rc
     if not Path(args.repo, "index.json").is_file():
         print(
             f"bench_tap: no repository at {args.repo} (make demo builds data/ecdfs)",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 
 from ._os import pin_mmap_threshold
 from ._serve_command import add_serve_command
+from ._tap_targets import tap_messages
 from ._version import __version__
 from .config import OVERRIDES, BadValue, GridConfig, RunConfig, apply_override, load_config
 from .engine import Harvester, run
@@ -273,20 +273,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
-def _show_tap_messages() -> None:
-    """TAP query messages (job, rows, pages, snapshot) on standard error."""
-    log = logging.getLogger("harvester.tap")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = _config(args)
-    _show_tap_messages()
-
     ledger = None if config.output is None else config.output / "ledger.sqlite"
 
     async def quote() -> list[str]:
@@ -298,17 +286,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 lines.append(f"bad rows           {len(bad)} (first: {bad[0]})")
             return lines
 
-    print("\n".join(anyio.run(quote)))
+    with tap_messages():
+        lines = anyio.run(quote)
+    print("\n".join(lines))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
-    if not args.quiet:
-        _show_tap_messages()
     if args.fresh and config.output is not None:
         _clear_outputs(config.output)
-    report = _harvest(config, quiet=args.quiet)
+    with tap_messages(not args.quiet):
+        report = _harvest(config, quiet=args.quiet)
     return 3 if report.counts.get("failed") else 0
 
 
@@ -326,7 +315,7 @@ def _clear_outputs(out: Path) -> None:
 
     for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "stack.h5"):
         (out / name).unlink(missing_ok=True)
-    for folder in ("fits", "stack_parts", "tap"):
+    for folder in ("fits", "stack_parts", "tap", *(p.name for p in out.glob(".tap.*.partial"))):
         shutil.rmtree(out / folder, ignore_errors=True)
     for page in out.glob("grid-*.png"):
         page.unlink()

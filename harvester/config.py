@@ -61,7 +61,9 @@ The ``[service]`` section (all keys optional)::
                                       # to URLs under the discovered service prefixes.
     lookup = "auto"                   # finding images: "index" (the repository
                                       # extension of `harvester serve`), "sia" (SIA v2
-                                      # queries per patch), "auto" (index if offered)
+                                      # queries per patch), "obscore" (ADQL on
+                                      # ivoa.ObsCore through TAP, the whole plan at
+                                      # once), "auto" (index if offered)
     cutout_per_minute = 35            # SODA quota per user (0: none)
     sia_per_minute = 70               # SIA quota per user (0: none)
     connections_per_host = 8          # requests in flight per host
@@ -241,7 +243,7 @@ class ServiceConfig:
         ),
         "dataset": _text(),
         "token": _text(optional=True, secret=True),
-        "lookup": _choice("auto", "index", "sia"),
+        "lookup": _choice("auto", "index", "sia", "obscore"),
         "cutout_per_minute": _num(0),
         "sia_per_minute": _num(0),
         "connections_per_host": _int(1),
@@ -259,7 +261,7 @@ class ServiceConfig:
     url: str = "https://data.lsst.cloud"
     dataset: str = "dp1"
     token: str | None = field(default=None, repr=False)
-    lookup: Literal["auto", "index", "sia"] = "auto"
+    lookup: Literal["auto", "index", "sia", "obscore"] = "auto"
     cutout_per_minute: float = 35.0
     sia_per_minute: float = 70.0
     connections_per_host: int = 8

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from harvester._adql import page_query, split_select, sql_literal, strip_comments
+from harvester._adql import (
+    id_expression,
+    page_query,
+    select_items,
+    split_select,
+    sql_literal,
+    strip_comments,
+)
 from harvester.errors import UsageError
 
 TUTORIAL = (
@@ -83,3 +90,37 @@ def test_literals_and_comments() -> None:
     assert strip_comments("SELECT '--not' FROM t -- yes\n WHERE a = 1;") == (
         "SELECT '--not' FROM t \n WHERE a = 1"
     )
+
+
+def test_the_id_is_named_as_the_select_list_names_it() -> None:
+    parts = split_select(
+        'SELECT o.objectId, o.coord_ra AS ra, objectId AS "oid", "Weird"."Id", '
+        "COUNT(x), g_cModelMag + 1 FROM dp1.Object AS o WHERE a = 1"
+    )
+    assert select_items(parts.columns) == [
+        "o.objectId",
+        "o.coord_ra AS ra",
+        'objectId AS "oid"',
+        '"Weird"."Id"',
+        "COUNT(x)",
+        "g_cModelMag + 1",
+    ]
+    assert id_expression(parts, "objectid") == "o.objectId"  # ADQL names ignore case
+    assert id_expression(parts, "oid") == "objectId"
+    assert id_expression(parts, "RA") == "o.coord_ra"
+    assert id_expression(parts, "Id") == '"Weird"."Id"'
+    assert id_expression(parts, "other") == "other"  # e.g. SELECT *: the column itself
+    # Commas inside strings and calls do not split items.
+    assert select_items("a, 'x, y' AS s, f(b, c)") == ["a", "'x, y' AS s", "f(b, c)"]
+
+
+def test_inclusive_pages_start_at_the_last_id_held() -> None:
+    parts = split_select("SELECT id, ra, dec FROM t WHERE ra < 1 OR dec > 2")
+    q = page_query(parts, "t.id", 17, 10, inclusive=True)
+    assert (
+        q
+        == "SELECT TOP 10 id, ra, dec FROM t WHERE (ra < 1 OR dec > 2) AND t.id >= 17 ORDER BY t.id"
+    )
+    assert sql_literal(2.5) == "2.5"
+    with pytest.raises(UsageError, match="non-finite"):
+        sql_literal(float("nan"))

@@ -48,7 +48,7 @@ def _expected(section: str, key: str, value: Any) -> Any:
 
 
 def test_shipped_configs_exist() -> None:
-    assert [p.name for p in SHIPPED] == ["ecdfs_agn.toml", "large_synthetic.toml"]
+    assert [p.name for p in SHIPPED] == ["ecdfs_agn.toml", "ecdfs_tap.toml", "large_synthetic.toml"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -59,6 +59,10 @@ def test_shipped_configs_load(path: Path) -> None:
     checked = 0
     for section, table in doc.items():
         for key, value in table.items():
+            if (section, key) == ("targets", "query"):  # an ADQL target list: run.targets
+                assert config.targets == "adql:" + value.strip(), path.name
+                checked += 1
+                continue
             got = getattr(_section(config, section), key)
             assert got == _expected(section, key, value), f"{path.name}: {section}.{key}"
             checked += 1
@@ -105,7 +109,7 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "url": ('"http://127.0.0.1:8080/"', "http://127.0.0.1:8080"),
         "dataset": ('"dp2"', "dp2"),
         "token": ('"t0ken"', "t0ken"),
-        "lookup": ('"sia"', "sia"),
+        "lookup": ('"obscore"', "obscore"),
         "cutout_per_minute": ("0", 0.0),
         "sia_per_minute": ("1.5", 1.5),
         "connections_per_host": ("2", 2),

@@ -2,8 +2,9 @@
 
 :func:`discover` reads ``{url}/repertoire/discovery`` (anonymously) into
 :class:`Endpoints`: the dataset's SIA, DataLink and SODA URLs (falling back to the
-RSP's URL conventions), the repository extension ``harvester serve`` offers, and
-the service prefixes that may see the token (set on the client).
+RSP's URL conventions), its TAP service, the repository extension ``harvester
+serve`` offers, and the service prefixes that may see the token (set on the
+client).
 
 Dependency rule: :mod:`harvester.errors` and :mod:`._client`.
 """
@@ -32,6 +33,9 @@ class Endpoints:
     cutout: str | None  # the SODA sync URL
     repository: str | None  # harvester serve's repository extension, if offered
     prefixes: tuple[str, ...]  # URLs at or under which the token may be sent
+    #: The TAP service: discovery's ``tap`` entry; with no discovery document, the
+    #: RSP's ``{base}/api/tap``; None when discovery lists the dataset without one.
+    tap: str | None = None
 
 
 def discovery_url(base: str) -> str:
@@ -43,7 +47,10 @@ def parse_discovery(doc: Any, base: str, dataset: str) -> Endpoints:
 
     Missing SIA, DataLink and SODA services fall back to the RSP URL conventions
     under ``base`` (``lsst.rsp`` sends the token there too); the repository
-    extension is used only when discovery offers it (``harvester serve`` does).
+    extension is used only when discovery offers it (``harvester serve`` does), and
+    TAP when discovery lists it or when there is no discovery document at all
+    (``doc`` None: ``{base}/api/tap``; ``harvester serve`` lists it only with
+    ``--tap``).
     """
     services: Mapping[str, Any] = {}
     if isinstance(doc, dict):
@@ -80,12 +87,19 @@ def parse_discovery(doc: Any, base: str, dataset: str) -> Endpoints:
         repository = url(
             "harvester", ("repository-1", "repository"), "/repository", f"{base}/api/harvester"
         )
+    tap = None
+    entry = services.get("tap")
+    if isinstance(entry, dict) and isinstance(entry.get("url"), str):
+        tap = entry["url"].rstrip("/")
+    elif doc is None:
+        tap = f"{base}/api/tap"
+        prefixes.append(tap)
     for name, entry in services.items():
         known = name in ("sia", "datalink", "cutout", "harvester")
         if not known and isinstance(entry, dict) and isinstance(entry.get("url"), str):
             prefixes.append(entry["url"].rstrip("/"))
     return Endpoints(
-        base, dataset, sia, datalink, cutout, repository, tuple(dict.fromkeys(prefixes))
+        base, dataset, sia, datalink, cutout, repository, tuple(dict.fromkeys(prefixes)), tap
     )
 
 

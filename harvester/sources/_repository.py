@@ -60,6 +60,10 @@ class RemoteRepository(Repository):
         self.datasets.setdefault(ref.key, ref)
         self.dids.setdefault(ref.id, did)
 
+    def sia_lookup(self) -> bool:
+        """Whether SIA finds the images, as the harvest reaches their patches."""
+        return not self.complete
+
 
 def _uuid_of(did: str) -> str:
     q = parse_qs(urlsplit(did).query)
@@ -145,7 +149,7 @@ class SiaResolver:
 
         Patches from ``ahead`` fill the last query up to :data:`SIA_POSITIONS`.
         """
-        if self.repo.complete:
+        if not self.repo.sia_lookup():
             return
         async with self._lock:  # one query at a time: SIA has a small quota
             todo = [k for k in dict.fromkeys(keys) if k not in self.repo.resolved]

@@ -101,7 +101,7 @@ async def open_remote(
         For ``run.source = "local"``, or when the service cannot be used.
     """
     s = config.service
-    session = await open_session(s, limits)
+    session = await open_session(s, limits, config.tap)
     source: BatchSource
     if config.source in ("http", "auto"):
         files = FileReader(

@@ -15,7 +15,8 @@ Talks to the Rubin Science Platform (``rsp-protocols.md`` §1, §4, §9.2) or to
   whose datasets come from the service: its repository index (``harvester
   serve``'s ``GET /api/harvester/repository``), or SIA v2 queries per patch
   (``DPSUBTYPE=lsst.deep_coadd``, ``CALIB=3``), made as the harvest reaches each
-  patch (:class:`~._repository.SiaResolver`).
+  patch (:class:`~._repository.SiaResolver`), or ADQL on ``ivoa.ObsCore`` for the
+  whole plan when it is made (:class:`~._obscore.ObsCoreRepository`).
 * :class:`RemoteSession` (this module) holds a run's client, endpoints,
   repository and resolvers; before each batch it looks up the batch's images and,
   in the same DataLink request, those of the next patches the harvest will visit.
@@ -37,7 +38,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..config import ServiceConfig
+from ..config import ServiceConfig, TapConfig
 from ..errors import ConfigError, TransientError
 from ..limits import ClientLimits, RetryPolicy
 from ..plan import BatchSpec, Plan
@@ -109,7 +110,7 @@ class RemoteSession:
             self._order = await anyio.to_thread.run_sync(_PlanOrder, plan)
         keys = batch_patches(plan, spec)
         ahead = self._order.around((spec.tract, spec.patch), LOOKAHEAD_PATCHES)
-        if not self.repo.complete:
+        if self.repo.sia_lookup():
             await self.sia.ensure(keys, ahead)
         refs = [
             ref
@@ -140,20 +141,27 @@ class RemoteSession:
         self.links.invalidate(self.repo.did(ref))
 
     def lookups(self) -> dict[str, int]:
-        """DataLink posts and SIA queries so far."""
-        return {"datalink_posts": self.links.posts, "sia_queries": self.sia.queries}
+        """DataLink posts, SIA queries and ObsCore (TAP) queries so far."""
+        finder = getattr(self.repo, "finder", None)
+        return {
+            "datalink_posts": self.links.posts,
+            "sia_queries": self.sia.queries,
+            "tap_queries": 0 if finder is None else finder.queries,
+        }
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 async def open_session(
-    settings: ServiceConfig, limits: ClientLimits | None = None
+    settings: ServiceConfig, limits: ClientLimits | None = None, tap: TapConfig | None = None
 ) -> RemoteSession:
-    """Discover the service and load its repository (index, else SIA as needed).
+    """Discover the service and load its repository (index, else SIA or ObsCore as
+    needed).
 
     ``limits``: the client's rate limiters and per-host share (a distributed
-    run's are held across the cluster); default: this process's own.
+    run's are held across the cluster); default: this process's own. ``tap``: how
+    ObsCore is asked (``service.lookup = "obscore"``; its URL, else discovery's).
 
     Raises
     ------
@@ -163,7 +171,7 @@ async def open_session(
     client = ServiceClient(settings, settings.resolved_token(), limits)
     try:
         endpoints = await discover(client)
-        repo = await _load_repository(client, endpoints, settings)
+        repo = await _load_repository(client, endpoints, settings, tap or TapConfig())
     except BaseException:
         await client.aclose()
         raise
@@ -171,7 +179,7 @@ async def open_session(
 
 
 async def _load_repository(
-    client: ServiceClient, endpoints: Endpoints, settings: ServiceConfig
+    client: ServiceClient, endpoints: Endpoints, settings: ServiceConfig, tap: TapConfig
 ) -> RemoteRepository:
     doc: Any = None
     where = endpoints.repository
@@ -193,11 +201,13 @@ async def _load_repository(
             raise ConfigError(f"{where}: not JSON: {exc}") from exc
     if doc is not None:
         index = repository_from_index(doc, endpoints)
-        if settings.lookup != "sia":
+        if settings.lookup not in ("sia", "obscore"):
             return index
         skymap = index.skymap
     else:
         skymap = SkyMap(SkyMapConfig())
+    if settings.lookup == "obscore":
+        return _obscore_repository(endpoints, settings, tap, skymap)
     return RemoteRepository(
         root=Path(endpoints.dataset),
         skymap=skymap,
@@ -205,4 +215,28 @@ async def _load_repository(
         url=endpoints.base,
         dataset=endpoints.dataset,
         complete=False,
+    )
+
+
+def _obscore_repository(
+    endpoints: Endpoints, settings: ServiceConfig, tap: TapConfig, skymap: SkyMap
+) -> RemoteRepository:
+    from .._tap import TapClient
+    from ._obscore import ObsCoreFinder, ObsCoreRepository
+
+    url = tap.url or endpoints.tap
+    if url is None:
+        raise ConfigError(
+            f"{settings.url}: discovery lists no TAP service for {settings.dataset!r} "
+            '(service.lookup = "obscore"); set tap.url, or start harvester serve with --tap'
+        )
+    finder = ObsCoreFinder(TapClient(url, settings), tap)
+    return ObsCoreRepository(
+        root=Path(endpoints.dataset),
+        skymap=skymap,
+        datasets={},
+        url=endpoints.base,
+        dataset=endpoints.dataset,
+        complete=False,
+        finder=finder,
     )
