@@ -242,11 +242,13 @@ async def test_quota_held_across_workers_as_the_server_counts(
     # Retry-After pauses every worker, and the retry loses nothing (all done above).
     # Without the cluster's bucket, two workers at the quota each draw dozens.
     assert stats[("cutout", 429)] <= 2 and len(starts) >= 2 * len(targets)
-    # Any window of the quota's length sees the quota, give or take the two requests a
-    # stalled worker (a loaded machine) can start late into the next one; a bucket 30 %
-    # over the quota (26 a second here) still fails this.
-    busiest = max(np.searchsorted(starts, s + window) - i for i, s in enumerate(starts))
-    assert busiest <= quota + 2
+    # The rate the server saw over the run is the quota's: a bucket 30 % over it (26 a
+    # second here) fails this. (A sliding window of one quota period was tried and was
+    # flaky on a loaded machine: a worker stalled for CPU starts two late requests
+    # close together, which the server's own windows, counted by the 429s above,
+    # take as they come.)
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert rate <= 1.1 * quota / window
 
 
 # ---- faults: worker processes killed mid-shard ---------------------------------------
