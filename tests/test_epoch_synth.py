@@ -317,12 +317,12 @@ def test_same_seed_same_bytes_compressed_and_resumable(
     tmp_path: Path, tiny_tract: int, tiny_agn: AgnList
 ) -> None:
     spec = tiny_epoch_spec(
-        tiny_tract, tiny_agn, visits=2, compress=True, templates=((tiny_tract, 5),)
+        tiny_tract, tiny_agn, visits=1, compress=True, templates=((tiny_tract, 5),)
     )
     a = build_epochs(tmp_path / "a", spec)
     build_epochs(tmp_path / "b", spec, jobs=2)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert all(e.compressed for e in a.epochs) and len(a.epochs) >= 4
+    assert all(e.compressed for e in a.epochs) and len(a.epochs) >= 2
     with fits.open(a.root / a.epochs[0].path) as hdul:
         assert isinstance(hdul["IMAGE"], fits.CompImageHDU)
     # A rebuild keeps every file (same ids in the headers) and leaves no temporary.
@@ -339,7 +339,7 @@ def test_same_seed_same_bytes_compressed_and_resumable(
             sigma = np.sqrt(p["VARIANCE"].data.min())
             assert np.abs(z["IMAGE"].data - p["IMAGE"].data).max() <= sigma / 16 * 0.51
             np.testing.assert_allclose(z["VARIANCE"].data, p["VARIANCE"].data, rtol=1e-3)
-    other = build_epochs(tmp_path / "c", replace(spec, seed=8))
+    other = build_epochs(tmp_path / "c", replace(spec, seed=8, templates=()))
     assert {e.id for e in other.epochs}.isdisjoint({e.id for e in a.epochs})
 
 
