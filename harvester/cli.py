@@ -24,7 +24,7 @@ from .config import OVERRIDES, BadValue, GridConfig, RunConfig, apply_override, 
 from .engine import Harvester, run
 from .errors import HarvesterError
 from .progress import RunProgress
-from .repo import Repository
+from .repo import Repository, drop_time_domain
 from .report import Report
 from .skymap import SkyMap
 from .targets import Size, load_targets, parse_size
@@ -470,6 +470,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         return 0
     if args.visits is not None and args.visits < 1:
         raise CommandLineError(f"--visits {args.visits}: wanted at least 1")
+    if args.epochs or args.visits is not None:
+        # They are built again below; the coadd build must not trip on stale entries.
+        drop_time_domain(Path(args.root))
     skymap = SkyMap()
     bands = tuple(b for b in args.bands.replace(",", "") if b.strip())
     patches: set[tuple[int, int]] = set()

@@ -38,7 +38,14 @@ from .epochs._refs import (
 from .errors import RepositoryError
 from .skymap import SkyMap, SkyMapConfig
 
-__all__ = ["INDEX_NAME", "DatasetRef", "Repository", "load_repository", "write_index"]
+__all__ = [
+    "INDEX_NAME",
+    "DatasetRef",
+    "Repository",
+    "drop_time_domain",
+    "load_repository",
+    "write_index",
+]
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "harvester-repository"
@@ -155,6 +162,22 @@ def write_index(
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def drop_time_domain(root: Path) -> None:
+    """Remove the ``templates``, ``visits`` and ``epochs`` sections from an index
+    (before they are built again: a coadd build checks every entry it carries)."""
+    path = root / INDEX_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(doc, dict) and {"templates", "visits", "epochs"} & set(doc):
+        for name in ("templates", "visits", "epochs"):
+            doc.pop(name, None)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def _ref_json(ref: DatasetRef) -> dict[str, Any]:

@@ -13,7 +13,10 @@ from astropy.time import Time, TimeDelta
 
 from harvester.epochs import day_obs_of, day_obs_start_mjd, iso_tai, mjd_of_iso
 from harvester.errors import RepositoryError
-from harvester.repo import Repository, load_repository, write_index
+from harvester.repo import Repository, drop_time_domain, load_repository, write_index
+from harvester.synth import build_epochs
+
+from .conftest import tiny_epoch_spec
 
 
 @pytest.fixture
@@ -133,3 +136,20 @@ def test_iso_text_is_checked() -> None:
         mjd_of_iso("2024-12-05T03:00:00Z")
     with pytest.raises(ValueError, match="out of range"):
         mjd_of_iso("2024-12-05T25:00:00")
+
+
+def test_rebuilds_get_past_deleted_epoch_files(
+    epochs_copy: Path, tiny_epochs: Repository, tiny_tract: int, tiny_agn: Any
+) -> None:
+    """Epoch files removed by hand: dropping the time-domain sections (what `harvester
+    synth --epochs` does before its coadd build, which checks every entry it
+    carries) makes the index load again, and the epoch build starts over."""
+    (epochs_copy / tiny_epochs.epochs[0].path).unlink()
+    with pytest.raises(RepositoryError, match="is missing"):
+        load_repository(epochs_copy)
+    drop_time_domain(epochs_copy)
+    assert load_repository(epochs_copy).epochs == ()
+    (epochs_copy / tiny_epochs.epochs[1].path).unlink()
+    spec = tiny_epoch_spec(tiny_tract, tiny_agn, visits=1, templates=())
+    again = build_epochs(epochs_copy, spec)
+    assert len(again.visits) == 1 and again.epochs and again.templates == {}

@@ -11,7 +11,7 @@ The data model the time-domain engine builds on:
 * :class:`FootprintIndex` — which images cover which targets, vectorised:
   ``FootprintIndex.from_refs(repo.epochs).query(ra, dec, size=51, time=(t0, t1),
   bands=["g"], dataset_types=["visit_image"])`` returns :class:`Pairs` (target,
-  image, coverage), sorted by image; :meth:`Pairs.units` yields one
+  image, coverage), grouped by image; :meth:`Pairs.units` yields one
   :class:`EpochUnit` (an image and its targets) per file to open.
 * :mod:`._time` — times are MJD TAI (mid-exposure) in memory and on disk,
   ``DATE-AVG`` strings in headers, ``day_obs`` as ``YYYYMMDD``.

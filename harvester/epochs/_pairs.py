@@ -39,7 +39,8 @@ class EpochUnit:
 class Pairs:
     """(target, image) pairs with the estimated coverage of each stamp.
 
-    Sorted by ``image``, then ``target``. ``target`` indexes the query's positions,
+    Grouped by ``image`` (ascending; within an image, in the index's grid-cell
+    order). ``target`` indexes the query's positions,
     ``image`` the index's footprints.
     """
 

@@ -45,7 +45,13 @@ import numpy as np
 from ..epochs import FootprintIndex
 from ..epochs._refs import EpochRef, VisitRecord
 from ..errors import RepositoryError
-from ..repo import DatasetRef, Repository, load_repository, write_index
+from ..repo import (
+    INDEX_NAME,
+    DatasetRef,
+    Repository,
+    load_repository,
+    write_index,
+)
 from ..skymap import SkyMap
 from ._epoch_pixels import epoch_task, template_task
 from ._epoch_spec import DEMO_VISITS, EpochSpec
@@ -79,11 +85,12 @@ def build_epochs(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        existing: Repository | None = load_repository(root)
-    except RepositoryError:
-        existing = None
-    if existing is not None:
+    existing: Repository | None = None
+    if (root / INDEX_NAME).is_file():
+        # The coadds' entries are kept as they are (the time-domain sections are all
+        # written anew below); an index that cannot be read is an error, not an
+        # empty repository.
+        existing = load_repository(root, check_files=False)
         if existing.seed is not None and existing.seed != spec.seed:
             raise RepositoryError(
                 f"{root}: coadds were built with seed {existing.seed}, epochs asked for "
