@@ -173,7 +173,7 @@ def tiny_epoch_spec(tract: int, agn: AgnList, **changes: object) -> EpochSpec:
     spec = EpochSpec(
         agn=agn,
         bands=("g", "z"),
-        visits=12,
+        visits=16,
         seed=7,
         camera=TINY_CAMERA,
         skymap=TINY,

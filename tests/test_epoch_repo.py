@@ -35,7 +35,7 @@ def _edit(root: Path, fn: Callable[[Any], object]) -> None:
 def test_round_trip(tiny_epochs: Repository) -> None:
     again = load_repository(tiny_epochs.root)
     assert again.epochs == tiny_epochs.epochs and len(again.epochs) > 50
-    assert again.visits == tiny_epochs.visits and len(again.visits) == 12
+    assert again.visits == tiny_epochs.visits and len(again.visits) == 16
     assert again.templates == tiny_epochs.templates and len(again.templates) == 8
     assert {e.dataset_type for e in again.epochs} == {"visit_image", "difference_image"}
     for e in again.epochs:

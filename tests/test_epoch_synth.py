@@ -217,7 +217,7 @@ def test_forced_photometry_recovers_the_light_curves(
     """chi^2/dof near 1 against the injected light curves, no bias; and the curves
     do vary (a constant flux is ruled out), so the test sees the variability."""
     rows = np.array(_photometry(tiny_epochs, tiny_agn, tiny_skymap, kind))
-    assert len(rows) >= 30
+    assert len(rows) >= 25
     resid = (rows[:, 0] - rows[:, 2]) / rows[:, 1]
     chi2 = float(np.mean(resid**2))
     assert 0.45 < chi2 < 1.7, chi2
@@ -388,6 +388,18 @@ def test_templates_are_laid_out_as_deep_coadds(
     res = np.array(measured)
     assert len(res) >= 4
     assert np.mean(res**2) < 3.0
+    # Template patches are windows on one tract image: overlaps agree exactly.
+    a, b = tiny_skymap.patch_outer_box(5), tiny_skymap.patch_outer_box(6)
+    x0, x1, y0, y1 = max(a.x0, b.x0), min(a.x1, b.x1), max(a.y0, b.y0), min(a.y1, b.y1)
+    ta = tiny_epochs.templates[(next(iter(tiny_epochs.templates))[0], 5, "z")]
+    tb = tiny_epochs.templates[(ta.tract, 6, "z")]
+    for hdu in ("IMAGE", "MASK", "VARIANCE"):
+        da = fits.getdata(tiny_epochs.path_of(ta), hdu)
+        db = fits.getdata(tiny_epochs.path_of(tb), hdu)
+        np.testing.assert_array_equal(
+            da[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0],
+            db[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0],
+        )
 
 
 def test_epochs_refuse_another_seed_than_the_coadds(

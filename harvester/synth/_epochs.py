@@ -21,8 +21,10 @@ For a field (the AGN, and any other positions given), :func:`build_epochs` write
 Noise comes from one seeded pool of unit normals per build (twice a detector's
 pixels), each image taking a seeded window of it: as good as fresh noise for any
 statistic of one image (or of a source across images, whose windows differ), and
-twenty times cheaper than drawing 16 million normals per image. Detector defects
-(BAD columns and clusters) are fixed per detector.
+twenty times cheaper than drawing 16 million normals per image. Templates take
+theirs tile by tile (tiles aligned on the tract grid), so overlapping template
+patches agree pixel for pixel, as the deep coadds do. Detector defects (BAD columns
+and clusters) are fixed per detector.
 
 Dataset ids are UUIDs of the spec's digest and the data id, so changing anything
 that shapes the pixels gives new ids, and an interrupted build resumes: a file
@@ -34,7 +36,6 @@ entries are kept as they are.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -197,11 +198,3 @@ def _run_task(work: _Work) -> tuple[list[EpochRef] | list[DatasetRef], str]:
         return made, f"visit {v.visit} {spec.camera.detector_name(work.detector)} {v.band}"
     made_t = template_task(Path(work.root), spec, work.tract, work.patch)
     return made_t, f"template_coadd tract {work.tract} patch {work.patch}"
-
-
-def timed_build_epochs(
-    root: Path, spec: EpochSpec, jobs: int, progress: Callable[[int, int, str], None] | None
-) -> tuple[Repository, float]:
-    t0 = time.perf_counter()
-    repo = build_epochs(root, spec, jobs=jobs, progress=progress)
-    return repo, time.perf_counter() - t0

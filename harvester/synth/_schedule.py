@@ -6,7 +6,8 @@ night, dithered by up to 0.2 degrees with about a degree of rotation per visit a
 larger turns at filter changes (RTN-095). :func:`make_schedule` draws ``visits``
 visits with the same proportions over the requested bands, seeded:
 
-* **nights**: about four visits a night, on distinct nights of the
+* **nights**: about ``per_night`` visits a night (2: a scaled-down schedule keeps
+  its span in time rather than DP1's ~30 visits a night), on distinct nights of the
   ``first_night`` + ``nights`` window; within a night the bands are observed in
   blocks (a random order), 39 s apart (30 s exposure, 9 s overhead), 120 s more at a
   filter change, starting between 00:30 and 03:30 TAI (evening twilight in Chile);
@@ -87,6 +88,7 @@ class ScheduleSpec:
     dither_deg: float = 0.2
     first_night: int = 20241109
     nights: int = 33
+    per_night: int = 2
 
     def __post_init__(self) -> None:
         for b in self.bands:
@@ -96,8 +98,10 @@ class ScheduleSpec:
             raise ValueError("a schedule needs at least one band")
         if self.visits < 1:
             raise ValueError(f"visits must be >= 1, got {self.visits}")
-        if self.nights < 1 or self.dither_deg < 0:
-            raise ValueError(f"bad nights {self.nights} or dither {self.dither_deg}")
+        if self.nights < 1 or self.per_night < 1 or self.dither_deg < 0:
+            raise ValueError(
+                f"bad nights {self.nights}, per_night {self.per_night} or dither {self.dither_deg}"
+            )
 
 
 def visits_per_band(bands: tuple[str, ...], total: int) -> dict[str, int]:
@@ -117,7 +121,7 @@ def make_schedule(spec: ScheduleSpec) -> list[Visit]:
     """The visits, in time order; see the module docstring."""
     rng = np.random.default_rng([spec.seed, 0x5C4ED])
     counts = visits_per_band(spec.bands, spec.visits)
-    n_nights = min(spec.nights, max(1, math.ceil(spec.visits / 4)))
+    n_nights = min(spec.nights, max(1, math.ceil(spec.visits / spec.per_night)))
     night_days = np.sort(rng.choice(spec.nights, n_nights, replace=False))
     first = _dt.date(
         spec.first_night // 10_000, spec.first_night // 100 % 100, spec.first_night % 100

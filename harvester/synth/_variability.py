@@ -9,7 +9,7 @@ where ``f0_b`` is the flux the coadds (``deep_coadd``, ``template_coadd``) show,
 *reference* flux, ``a_b`` a chromatic factor (bluer bands vary more: u 1.4, g 1.2,
 r 1.0, i 0.85, z 0.75, y 0.7) and ``dm(t)`` one seeded curve per AGN, either
 
-* a **damped random walk** (40 %... of AGN; as quasars vary): timescale 20-200 d,
+* a **damped random walk** (60 % of the AGN; as quasars vary): timescale 20-200 d,
   structure function SF_inf 0.1-0.3 mag, drawn exactly (Ornstein-Uhlenbeck steps) on
   a half-day grid over MJD 60400-60900 and interpolated linearly; or
 * a **sinusoid**: period 5-40 d, semi-amplitude 0.1-0.35 mag, random phase.
