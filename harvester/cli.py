@@ -593,6 +593,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  {out}/ledger.sqlite        one row per target, e.g.\n"
         f"      sqlite3 {out}/ledger.sqlite 'select id, status, coverage, output from targets'"
     )
+    if repo.epochs:
+        print(
+            f"  {root}/visit_image/, difference_image/, template_coadd/\n"
+            f"      single-epoch data: {len(repo.visits)} visits, {len(repo.epochs)} files "
+            f"(index.json 'epochs'; see README, Single-epoch images)"
+        )
     if (root / "butler" / "butler.yaml").is_file():
         label = json.dumps({"dp1": str((root / "butler").resolve())})
         print(
