@@ -9,14 +9,78 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .repo import Repository
+from .errors import HarvesterError
+from .repo import Repository, drop_time_domain
+from .skymap import SkyMap
+from .targets import load_targets
 
 if TYPE_CHECKING:
     from .synth import AgnList, SynthSpec
 
-__all__ = ["build_epochs_command"]
+__all__ = ["add_epochs_arguments", "epochs_lines", "prepare_epochs", "synth_epochs"]
+
+
+class EpochsArgumentError(HarvesterError):
+    """An ``--epochs``/``--visits`` value that cannot be used; the message names it."""
+
+
+def add_epochs_arguments(syn: argparse.ArgumentParser) -> None:
+    """``harvester synth``'s ``--epochs`` and ``--visits``."""
+    syn.add_argument(
+        "--epochs",
+        action="store_true",
+        help="also build single-epoch data: visit_image and difference_image files of an "
+        "LSSTComCam-like schedule over the field (the AGN, and --targets), template_coadd "
+        "files on the patches, variable AGN",
+    )
+    syn.add_argument(
+        "--visits",
+        type=int,
+        default=None,
+        metavar="N",
+        help="visits in the --epochs schedule (implies --epochs; default: the demo's 8)",
+    )
+
+
+def prepare_epochs(args: argparse.Namespace) -> bool:
+    """Whether ``harvester synth`` builds epochs; checks ``--visits`` and drops the
+    index's time-domain sections first (they are built again, and the coadd build
+    checks every entry it carries: files deleted by hand would stop it)."""
+    if args.visits is not None and args.visits < 1:
+        raise EpochsArgumentError(f"--visits {args.visits}: wanted at least 1")
+    wanted = bool(args.epochs or args.visits is not None)
+    if wanted:
+        drop_time_domain(Path(args.root))
+    return wanted
+
+
+def synth_epochs(
+    args: argparse.Namespace,
+    coadds: SynthSpec,
+    agn: AgnList,
+    skymap: SkyMap,
+    progress: Callable[[int, int, str], None],
+) -> Repository:
+    """The epochs of ``harvester synth --epochs``, over the AGN and ``--targets``."""
+    targets = None
+    if args.targets:
+        t = load_targets(args.targets, skymap=skymap)
+        targets = list(zip(t.ra.tolist(), t.dec.tolist(), strict=True))
+    return build_epochs_command(args, coadds, agn, targets, progress)
+
+
+def epochs_lines(root: Path, repo: Repository) -> list[str]:
+    """What ``harvester demo`` says about the repository's single-epoch data."""
+    if not repo.epochs:
+        return []
+    return [
+        f"  {root}/visit_image/, difference_image/, template_coadd/",
+        f"      single-epoch data: {len(repo.visits)} visits, {len(repo.epochs)} files "
+        "(index.json 'epochs'; see README, Single-epoch images)",
+    ]
 
 
 def build_epochs_command(

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ._epochs_command import build_epochs_command
+from ._epochs_command import add_epochs_arguments, epochs_lines, prepare_epochs, synth_epochs
 from ._os import pin_mmap_threshold
 from ._serve_command import add_serve_command
 from ._tap_targets import tap_messages
@@ -24,7 +24,7 @@ from .config import OVERRIDES, BadValue, GridConfig, RunConfig, apply_override, 
 from .engine import Harvester, run
 from .errors import HarvesterError
 from .progress import RunProgress
-from .repo import Repository, drop_time_domain
+from .repo import Repository
 from .report import Report
 from .skymap import SkyMap
 from .targets import Size, load_targets, parse_size
@@ -120,20 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=1)
     syn.add_argument("--compress", action="store_true", help="tile-compressed HDUs (RICE)")
     syn.add_argument("--no-agn", action="store_true", help="do not plant the ECDFS AGN")
-    syn.add_argument(
-        "--epochs",
-        action="store_true",
-        help="also build single-epoch data: visit_image and difference_image files of an "
-        "LSSTComCam-like schedule over the field (the AGN, and --targets), template_coadd "
-        "files on the patches, variable AGN",
-    )
-    syn.add_argument(
-        "--visits",
-        type=int,
-        default=None,
-        metavar="N",
-        help="visits in the --epochs schedule (default: the demo's 12)",
-    )
+    add_epochs_arguments(syn)
     syn.add_argument(
         "--butler-only",
         action="store_true",
@@ -468,11 +455,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if args.butler_only:
         _build_butler(Path(args.root), required=True)
         return 0
-    if args.visits is not None and args.visits < 1:
-        raise CommandLineError(f"--visits {args.visits}: wanted at least 1")
-    if args.epochs or args.visits is not None:
-        # They are built again below; the coadd build must not trip on stale entries.
-        drop_time_domain(Path(args.root))
+    epochs = prepare_epochs(args)
     skymap = SkyMap()
     bands = tuple(b for b in args.bands.replace(",", "") if b.strip())
     patches: set[tuple[int, int]] = set()
@@ -524,13 +507,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         print(f"  {ref.path}  ({ref.size / 1e6:.1f} MB, id {ref.id})")
     if len(repo) > 3:
         print(f"  ... and {len(repo) - 3} more; index: {Path(args.root) / 'index.json'}")
-    if args.epochs or args.visits is not None:
-        targets = None
-        if args.targets:
-            t = load_targets(args.targets, skymap=skymap)
-            targets = list(zip(t.ra.tolist(), t.dec.tolist(), strict=True))
-        agn_list = agn if agn is not None else read_agn_list(str(agn_path))
-        repo = build_epochs_command(args, spec, agn_list, targets, progress)
+    if epochs:
+        repo = synth_epochs(args, spec, agn or read_agn_list(str(agn_path)), skymap, progress)
     if not args.no_butler:
         _build_butler(Path(args.root), repo)
     return 0
@@ -593,12 +571,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  {out}/ledger.sqlite        one row per target, e.g.\n"
         f"      sqlite3 {out}/ledger.sqlite 'select id, status, coverage, output from targets'"
     )
-    if repo.epochs:
-        print(
-            f"  {root}/visit_image/, difference_image/, template_coadd/\n"
-            f"      single-epoch data: {len(repo.visits)} visits, {len(repo.epochs)} files "
-            f"(index.json 'epochs'; see README, Single-epoch images)"
-        )
+    for line in epochs_lines(root, repo):
+        print(line)
     if (root / "butler" / "butler.yaml").is_file():
         label = json.dumps({"dp1": str((root / "butler").resolve())})
         print(
