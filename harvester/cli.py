@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from ._epochs_command import add_epochs_arguments, epochs_lines, prepare_epochs, synth_epochs
 from ._os import pin_mmap_threshold
 from ._serve_command import add_serve_command
 from ._tap_targets import tap_messages
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=1)
     syn.add_argument("--compress", action="store_true", help="tile-compressed HDUs (RICE)")
     syn.add_argument("--no-agn", action="store_true", help="do not plant the ECDFS AGN")
+    add_epochs_arguments(syn)
     syn.add_argument(
         "--butler-only",
         action="store_true",
@@ -432,9 +434,13 @@ def _build_butler(root: Path, repo: Repository | None = None, required: bool = F
         return
     from .butler._build import build_butler_repository
 
-    built = build_butler_repository(repo if repo is not None else load_repository(root))
+    repo = repo if repo is not None else load_repository(root)
+    built = build_butler_repository(repo)
+    kinds = "deep_coadd" + (
+        ", template_coadd, visit_image, difference_image" if repo.epochs else ""
+    )
     print(
-        f"Butler repository {built.root}: {built.datasets} deep_coadd datasets ingested "
+        f"Butler repository {built.root}: {built.datasets} {kinds} datasets ingested "
         f"(direct) in {built.seconds:.1f} s; open it with Butler({str(built.root)!r}, "
         f"collections='LSSTComCam/DP1')"
     )
@@ -449,6 +455,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     if args.butler_only:
         _build_butler(Path(args.root), required=True)
         return 0
+    epochs = prepare_epochs(args)
     skymap = SkyMap()
     bands = tuple(b for b in args.bands.replace(",", "") if b.strip())
     patches: set[tuple[int, int]] = set()
@@ -500,6 +507,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         print(f"  {ref.path}  ({ref.size / 1e6:.1f} MB, id {ref.id})")
     if len(repo) > 3:
         print(f"  ... and {len(repo) - 3} more; index: {Path(args.root) / 'index.json'}")
+    if epochs:
+        repo = synth_epochs(args, spec, agn or read_agn_list(str(agn_path)), skymap, progress)
     if not args.no_butler:
         _build_butler(Path(args.root), repo)
     return 0
@@ -514,11 +523,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         repo = load_repository(root)
         print(f"Using the synthetic repository {root} ({len(repo)} files).")
-        if not (root / "butler" / "butler.yaml").is_file():
+        if not repo.epochs:
+            print("Adding its single-epoch data (once; about a minute).")
+            _cmd_synth(_parser().parse_args(["synth", str(root), "--epochs", "--no-butler"]))
+            repo = load_repository(root)
+            _build_butler(root, repo)
+        elif not (root / "butler" / "butler.yaml").is_file():
             _build_butler(root, repo)
     except HarvesterError:
-        print(f"Building the synthetic ECDFS repository in {root} (once; under a minute).")
-        _cmd_synth(_parser().parse_args(["synth", str(root)]))
+        print(f"Building the synthetic ECDFS repository in {root} (once; about two minutes).")
+        _cmd_synth(_parser().parse_args(["synth", str(root), "--epochs"]))
         repo = load_repository(root)
     targets = str(files("harvester") / "data" / "ecdfs_agn.csv")
     out = Path(args.output)
@@ -557,6 +571,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  {out}/ledger.sqlite        one row per target, e.g.\n"
         f"      sqlite3 {out}/ledger.sqlite 'select id, status, coverage, output from targets'"
     )
+    for line in epochs_lines(root, repo):
+        print(line)
     if (root / "butler" / "butler.yaml").is_file():
         label = json.dumps({"dp1": str((root / "butler").resolve())})
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ import pytest
 
 from harvester.repo import Repository
 from harvester.skymap import SkyMap, SkyMapConfig
-from harvester.synth import AgnList, SynthSpec, build_repository
+from harvester.synth import AgnList, Camera, EpochSpec, SynthSpec, build_epochs, build_repository
 
 if TYPE_CHECKING:
     from harvester.service import TapServer
@@ -152,3 +153,34 @@ def tap_server(tap_repo: Repository, tap_cluster: PostgresCluster) -> Iterator[T
 
     with serve_tap_in_thread(tap_repo, tap_cluster) as server:
         yield server
+
+
+#: A small LSSTComCam-like raft: 3 x 3 detectors of 160 x 140 px with gaps.
+TINY_CAMERA = Camera(width=160, height=140, gap_x=10, gap_y=8, placement_px=1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_epochs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tract: int, tiny_agn: AgnList
+) -> Repository:
+    """Single-epoch data over the tiny AGN field: 14 visits in g and z (the tiny
+    repository's seed and sky map), and templates on four patches."""
+    root = tmp_path_factory.mktemp("epochs")
+    return build_epochs(root, tiny_epoch_spec(tiny_tract, tiny_agn))
+
+
+def tiny_epoch_spec(tract: int, agn: AgnList, **changes: object) -> EpochSpec:
+    spec = EpochSpec(
+        agn=agn,
+        bands=("g", "z"),
+        visits=16,
+        seed=7,
+        camera=TINY_CAMERA,
+        skymap=TINY,
+        dither_deg=0.002,
+        margin_px=10,
+        tile=40,
+        compress=False,
+        templates=tuple((tract, p) for p in (5, 6, 9, 10)),
+    )
+    return replace(spec, **changes)  # type: ignore[arg-type]

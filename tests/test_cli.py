@@ -167,6 +167,12 @@ def test_synth_bad_patch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 1 and "5063,100" in err and "Traceback" not in err
 
 
+def test_synth_bad_visit_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "synth", str(tmp_path), "--epochs", "--visits", "0")
+    assert code == 1 and "--visits 0: wanted at least 1" in err and "Traceback" not in err
+    assert not (tmp_path / "index.json").exists()  # refused before building anything
+
+
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "--help")
     assert code == 0

@@ -27,6 +27,7 @@ def test_all_members_exist_and_are_documented() -> None:
         "sources",
         "targets",
         "wcsheader",
+        "epochs",
         "synth",
         "service",
         "butler",

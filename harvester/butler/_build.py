@@ -17,7 +17,10 @@ coadds, with the real ``lsst.daf.butler``:
   ``transfer="direct"`` (the registry points at the files where they are; nothing
   is copied) under its harvester dataset id, so ids agree with ``index.json``;
 * the run collection :data:`RUN`, and the chained collection :data:`COLLECTION`
-  (``LSSTComCam/DP1``) that the tutorials name.
+  (``LSSTComCam/DP1``) that the tutorials name;
+* when the repository has single-epoch data: its visits, detectors and
+  ``visit_image``, ``difference_image`` and ``template_coadd`` datasets
+  (:mod:`._epochs`).
 
 The repository is built in a temporary folder and renamed into place, so an
 interrupted build leaves no half-made repository.
@@ -40,6 +43,7 @@ import numpy as np
 from ..repo import Repository
 from ..skymap import SkyMap
 from . import require_butler
+from ._epochs import register_epochs
 
 __all__ = [
     "COLLECTION",
@@ -145,6 +149,7 @@ def build_butler_repository(
         try:
             _register(butler, repo, list(bands or repo.bands))
             _ingest(butler, repo, uri_of)
+            extra = register_epochs(butler, repo, INSTRUMENT, RUN, uri_of)
             butler.collections.register(COLLECTION, CollectionType.CHAINED)
             butler.collections.redefine_chain(COLLECTION, [RUN])
         finally:
@@ -155,7 +160,7 @@ def build_butler_repository(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BuiltButler(final, len(repo), time.perf_counter() - t0)
+    return BuiltButler(final, len(repo) + extra, time.perf_counter() - t0)
 
 
 def _register(butler: object, repo: Repository, bands: list[str]) -> None:
@@ -191,7 +196,7 @@ def _register(butler: object, repo: Repository, bands: list[str]) -> None:
             "patch_ny_max": n,
         },
     )
-    tracts = sorted({ref.tract for ref in repo})
+    tracts = sorted({ref.tract for ref in repo} | {t.tract for t in repo.templates.values()})
     reg.insertDimensionData(
         "tract", *[{"skymap": name, "id": t, "region": tract_region(sm, t)} for t in tracts]
     )
