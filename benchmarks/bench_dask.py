@@ -14,7 +14,11 @@ b. **remote, latency-bound**: ``harvester serve`` in its own process with 50 ms
    latency on data routes; the ``http`` source; 1, 2 and 4 Dask workers, each
    with ``fetch.concurrency`` batches of ``BATCH`` targets in flight and its share
    of 64 connections per host. Reported: targets/s and the ratio to 1 worker x N
-   (target >= 0.8 x linear up to what the server allows).
+   (target >= 0.8 x linear up to what the server allows). What the server allows
+   is measured in the same run: one process (no cluster) with as many batches in
+   flight as the most workers have together; ``of_allowed`` is the rate over the
+   lower of N x one worker and that ceiling (on 2 cores the server, the workers and
+   the driver share the CPU, so the ceiling can be the machine's).
 c. **a global quota** with 4 workers: SODA cutouts against ``harvester serve``'s
    per-user cutout quota (a window of ``QUOTA_WINDOW`` s, the server in this
    process so its request records can be read). Reported: the most cutout
@@ -174,10 +178,37 @@ def part_b(n: int, workers: tuple[int, ...]) -> dict[str, Any]:
             got = _harvest(cfg, targets)
             shutil.rmtree(cfg.output, ignore_errors=True)
             rows[str(k)] = got | {"per_s": n / got["harvest_s"], "load_before": load0}
+        # What this server (and machine) allows: one process with as many batches in
+        # flight as the most workers have together, no cluster at all.
+        most = max(workers)
+        cfg = _config(
+            WORK / "b-ceiling",
+            source="http",
+            service_url=srv.url,
+            token=TOKEN,
+            batch_size=BATCH,
+            concurrency=2 * most,
+        )
+        svc = dataclasses.replace(
+            cfg.service, cutout_per_minute=0, sia_per_minute=0, connections_per_host=64
+        )
+        shutil.rmtree(cfg.output, ignore_errors=True)
+        ceiling = n / _harvest(cfg.replace(service=svc), targets)["harvest_s"]
+        shutil.rmtree(cfg.output, ignore_errors=True)
     one = rows[str(workers[0])]["per_s"] / workers[0]
     for k in workers:
         rows[str(k)]["of_linear"] = rows[str(k)]["per_s"] / (one * k)
-    return {"targets": n, "latency_ms": 50.0, "batch_size": BATCH, "workers": rows}
+        # Linear up to what the server allows: the lower of k x one worker and the
+        # ceiling (the issue's target reads "up to what the server allows").
+        rows[str(k)]["of_allowed"] = rows[str(k)]["per_s"] / min(one * k, ceiling)
+    return {
+        "targets": n,
+        "latency_ms": 50.0,
+        "batch_size": BATCH,
+        "workers": rows,
+        "ceiling_one_process_per_s": ceiling,
+        "ceiling_concurrency": 2 * most,
+    }
 
 
 def part_c(n: int, quota: int) -> dict[str, Any]:
@@ -240,8 +271,14 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             {"check": "a: dask >= 85 % of local", "value": a["ratio"], "ok": a["ratio"] >= 0.85}
         )
     if b:
-        worst = min(r["of_linear"] for r in b["workers"].values())
-        out.append({"check": "b: >= 0.8 x linear", "value": worst, "ok": worst >= 0.8})
+        worst = min(r["of_allowed"] for r in b["workers"].values())
+        out.append(
+            {
+                "check": "b: >= 0.8 x linear, up to what the server allows",
+                "value": worst,
+                "ok": worst >= 0.8,
+            }
+        )
     if c:
         ok = c["over_quota"] <= 0.01 and c["failed_targets"] == 0
         out.append({"check": "c: <= 1 % over quota, none lost", "value": c["over_quota"], "ok": ok})
