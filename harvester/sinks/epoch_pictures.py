@@ -11,11 +11,14 @@ stamps in time order, wrapped after ``columns`` stamps, with a label on the left
 (band, dataset type, how many epochs are shown of how many). A group of more than
 ``max_per_group`` epochs shows that many, evenly spread in time (the first and the
 last included). Each stamp is titled with its time (MJD TAI, three decimals) and,
-below it, its status (``ok`` in grey, anything else in red). Stamps are grey,
+below it, its status when that is not ``ok`` (in red, as on the cutout grid; the
+title's second line stays free otherwise). Stamps are grey,
 north up and east left for aligned stamps (native ones keep their detector's
 orientation), scaled with **one** interval per group (zscale, or asinh over the
 99.5th percentile) so that brightness changes show; NaN pixels are dark red and a
-stamp without any data is light grey with "no data".
+stamp without any data is light grey with "no data". The stamps are painted into one
+page-sized image (nearest-neighbour enlarged) rather than an Axes each, which keeps
+a page of 200 stamps near a second.
 
 Page geometry, which the PNG sizes follow exactly (inches, times ``DPI``, rounded):
 with ``c = min(columns, the largest group shown)`` columns and ``r_g =
@@ -94,6 +97,8 @@ BAND_COLOURS = {
     "y": "#E69F00",
 }
 _OTHER_COLOURS = ("0.2", "0.45", "0.65")
+#: The one-pixel frame around each stamp.
+FRAME_COLOUR = "0.2"
 _SHORT_TYPES = {"visit_image": "visit", "difference_image": "difference"}
 
 _Stretch = Literal["zscale", "asinh"]
@@ -227,27 +232,35 @@ def filmstrip_figure(
         va="center",
         fontsize=HEADER_FONTSIZE,
     )
+    # The stamps are painted into one page-sized RGBA array (nearest-neighbour
+    # enlarged, as imshow would), placed pixel for pixel with figimage: one image
+    # instead of an Axes per stamp, about 20 times faster for a page of 200 stamps.
+    page_w, page_h = fig.canvas.get_width_height()
+    page = np.zeros((page_h, page_w, 4), dtype=np.uint8)
     top = height - HEADER_INCHES
     cell = 2 * TITLE_LINE_INCHES + STAMP_INCHES + GAP_INCHES
     for group in groups:
-        _draw_group(fig, epochs, group, stretch, cols, top, width, height)
+        _draw_group(fig, page, epochs, group, stretch, cols, top)
         top -= math.ceil(len(group.rows) / cols) * cell + GROUP_GAP_INCHES
+    if groups:
+        fig.figimage(page, 0, 0, origin="upper", zorder=0)
     return fig
 
 
 def _draw_group(
     fig: Any,
+    page: npt.NDArray[np.uint8],
     epochs: TargetEpochs,
     group: StripGroup,
     stretch: _Stretch,
     cols: int,
     top: float,
-    width: float,
-    height: float,
 ) -> None:
-    """One group's label and stamps, the group's first row starting at ``top`` (inches)."""
+    """One group's label, titles and stamps, its first row starting at ``top`` (inches
+    from the bottom); the stamps are painted into ``page`` (rows from the top)."""
     import matplotlib as mpl
 
+    width, height = fig.get_figwidth(), fig.get_figheight()
     kind = _SHORT_TYPES.get(group.dataset_type, group.dataset_type)
     count = (
         f"{len(group.rows)} of {group.total}" if len(group.rows) < group.total else str(group.total)
@@ -261,64 +274,58 @@ def _draw_group(
         fontsize=LABEL_FONTSIZE,
     )
     cmap = mpl.colormaps["gray"].with_extremes(bad=BAD_COLOUR)
+    frame = _rgba8(FRAME_COLOUR)
+    empty = _rgba8(EMPTY_COLOUR)
     block = epochs.image[group.rows].astype(np.float64)
     lo, hi = _limits(block, stretch)
     cell = 2 * TITLE_LINE_INCHES + STAMP_INCHES + GAP_INCHES
+    side = round(STAMP_INCHES * DPI)
     for k, row in enumerate(group.rows.tolist()):
         r, c = divmod(k, cols)
         left = MARGIN_INCHES + LABEL_INCHES + c * (STAMP_INCHES + GAP_INCHES)
         stamp_top = top - r * cell - 2 * TITLE_LINE_INCHES
-        ax = fig.add_axes(
-            (
-                left / width,
-                (stamp_top - STAMP_INCHES) / height,
-                STAMP_INCHES / width,
-                STAMP_INCHES / height,
-            )
-        )
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_linewidth(0.4)
+        x = left + STAMP_INCHES / 2
         status = str(epochs.status[row])
-        line = TITLE_LINE_INCHES / STAMP_INCHES
-        style = {
-            "transform": ax.transAxes,
-            "ha": "center",
-            "va": "bottom",
-            "fontsize": TITLE_FONTSIZE,
-        }
-        ax.text(
-            0.5,
-            1.0 + 0.15 * line,
-            _short(status, 18),
-            color="0.45" if status == "ok" else "red",
+        style = {"ha": "center", "va": "bottom", "fontsize": TITLE_FONTSIZE}
+        if status != "ok":
+            # Only statuses that need attention: a text per stamp costs ~1.5 ms.
+            fig.text(
+                x / width, (stamp_top + 0.02) / height, _short(status, 18), color="red", **style
+            )
+        fig.text(
+            x / width,
+            (stamp_top + 0.02 + TITLE_LINE_INCHES) / height,
+            f"{float(epochs.mjd_tai[row]):.3f}",
             **style,
         )
-        ax.text(0.5, 1.0 + 1.15 * line, f"{float(epochs.mjd_tai[row]):.3f}", **style)
+        px, py = round(left * DPI), round((height - stamp_top) * DPI)
+        box = page[py : py + side, px : px + side]
         image = block[k]
         if not np.isfinite(image).any():
-            ax.set_facecolor(EMPTY_COLOUR)
-            ax.text(
-                0.5,
-                0.5,
+            box[:] = empty
+            fig.text(
+                x / width,
+                (stamp_top - STAMP_INCHES / 2) / height,
                 "no data",
-                transform=ax.transAxes,
                 ha="center",
                 va="center",
                 fontsize=TITLE_FONTSIZE,
                 color="0.3",
             )
-            continue
-        shown = _scaled(image, lo, hi, stretch)
-        ax.imshow(
-            np.ma.masked_invalid(shown),
-            origin="lower",
-            cmap=cmap,
-            vmin=0.0,
-            vmax=1.0,
-            interpolation="nearest",
-        )
+        else:
+            shown = np.ma.masked_invalid(_scaled(image, lo, hi, stretch))
+            h, w = image.shape
+            # Row 0 of a stamp is its bottom (origin='lower'); the page's is its top.
+            iy = (h - 1 - np.arange(box.shape[0]) * h // side)[:, None]
+            ix = (np.arange(box.shape[1]) * w // side)[None, :]
+            box[:] = cmap(shown[iy, ix], bytes=True)
+        box[0, :], box[-1, :], box[:, 0], box[:, -1] = frame, frame, frame, frame
+
+
+def _rgba8(colour: str) -> npt.NDArray[np.uint8]:
+    from matplotlib.colors import to_rgba
+
+    return np.round(np.array(to_rgba(colour)) * 255).astype(np.uint8)
 
 
 def _limits(block: npt.NDArray[np.float64], stretch: _Stretch) -> tuple[float, float]:
