@@ -137,6 +137,21 @@ def test_filmstrip_layout(tmp_path: Path, columns: int, max_per_group: int) -> N
     assert sorted(p.name for p in (tmp_path / "strips").iterdir()) == ["t.png"]
 
 
+def test_groups_in_band_order_visits_first() -> None:
+    """Groups run u g r i z y (others after, by name), visit before difference images,
+    whatever order the epochs came in."""
+    epochs = _epochs(3, 3)
+    epochs.band = np.where(epochs.band == "g", "z", "N921")
+    epochs.band[-1] = "u"
+    groups = filmstrip_groups(epochs)
+    assert [(g.band, g.dataset_type) for g in groups] == [
+        ("u", "visit_image"),
+        ("z", "visit_image"),
+        ("z", "difference_image"),
+        ("N921", "visit_image"),
+    ]
+
+
 def test_filmstrip_shows_nan_and_empty_stamps(tmp_path: Path) -> None:
     epochs = _epochs(n_g=3, n_r=2)
     clean = write_filmstrip(epochs, tmp_path / "clean.png", stretch="asinh")

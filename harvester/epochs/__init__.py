@@ -20,7 +20,9 @@ The data model the time-domain engine builds on:
   tract's grid (the box its ``deep_coadd`` cutout has) with reproject, as
   :class:`AlignedEpochs`, what the target pixel files are written from.
 * :func:`aperture_photometry` — simple aperture fluxes of every epoch at the
-  target's position through each stamp's own WCS (the light-curve pictures).
+  target's position through each stamp's own WCS (the light-curve pictures);
+  :func:`epoch_groups` — the (dataset type, band) groups in the order the outputs
+  show them.
 * :mod:`._time` — times are MJD TAI (mid-exposure) in memory and on disk,
   ``DATE-AVG`` strings in headers, ``day_obs`` as ``YYYYMMDD``.
 
@@ -34,7 +36,12 @@ when it warps.
 from ._align import ALIGN_METHODS, AlignedEpochs, align_epochs
 from ._index import FootprintIndex
 from ._pairs import EpochUnit, Pairs
-from ._photometry import ApertureFluxes, aperture_photometry, default_aperture_arcsec
+from ._photometry import (
+    ApertureFluxes,
+    aperture_photometry,
+    default_aperture_arcsec,
+    epoch_groups,
+)
 from ._refs import EPOCH_TYPES, EpochRef, VisitRecord
 from ._stamps import EPOCH_COLUMNS, TargetEpochs
 from ._time import day_obs_of, day_obs_start_mjd, iso_tai, mjd_of_iso
@@ -56,6 +63,7 @@ __all__ = [
     "day_obs_of",
     "day_obs_start_mjd",
     "default_aperture_arcsec",
+    "epoch_groups",
     "iso_tai",
     "mjd_of_iso",
 ]

@@ -33,13 +33,40 @@ import numpy.typing as npt
 
 from ._stamps import TargetEpochs
 
-__all__ = ["ApertureFluxes", "aperture_photometry", "default_aperture_arcsec", "stamp_wcs"]
+__all__ = [
+    "ApertureFluxes",
+    "aperture_photometry",
+    "default_aperture_arcsec",
+    "epoch_groups",
+    "stamp_wcs",
+]
 
 FloatArray = npt.NDArray[np.float64]
 #: The default aperture radius, in units of the median seeing (FWHM).
 APERTURE_FWHM = 2.0
 #: The radius used when no epoch has a usable seeing, arcseconds.
 FALLBACK_APERTURE_ARCSEC = 2.0
+
+
+def _band_order(band: str) -> tuple[int, str]:
+    """Rubin's bands in wavelength order (ugrizy), any others after them by name."""
+    return ("ugrizy".index(band), "") if len(band) == 1 and band in "ugrizy" else (6, band)
+
+
+def _group_order(key: tuple[str, str]) -> tuple[tuple[int, str], int, str]:
+    kind, band = key
+    rank = {"visit_image": 0, "difference_image": 1}.get(kind, 2)
+    return _band_order(band), rank, kind
+
+
+def epoch_groups(
+    dataset_type: npt.NDArray[np.str_], band: npt.NDArray[np.str_]
+) -> list[tuple[str, str]]:
+    """The (dataset type, band) pairs present, in the order every output shows them:
+    bands in wavelength order (ugrizy, then others by name), and within a band visit
+    images, then difference images, then other types by name."""
+    keys = zip(dataset_type.tolist(), band.tolist(), strict=True)
+    return sorted(dict.fromkeys(keys), key=_group_order)
 
 
 def default_aperture_arcsec(seeing: npt.ArrayLike) -> float:
@@ -131,7 +158,7 @@ def aperture_photometry(
     n = len(epochs)
     radius = np.empty(n, dtype=np.float64)
     groups = list(zip(epochs.dataset_type.tolist(), epochs.band.tolist(), strict=True))
-    for group in dict.fromkeys(groups):
+    for group in epoch_groups(epochs.dataset_type, epochs.band):
         members = np.array([g == group for g in groups], dtype=bool)
         radius[members] = (
             radius_arcsec

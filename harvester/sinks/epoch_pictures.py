@@ -6,7 +6,8 @@ worker threads; both take a :class:`~harvester.epochs.TargetEpochs`, native or
 aligned (``AlignedEpochs.epochs``), and are written atomically.
 
 **Filmstrip** (:func:`write_filmstrip`): one page per target. Epochs are grouped by
-(dataset type, band), in the order the groups first occur; each group is a strip of
+(dataset type, band), groups in band order (ugrizy, other bands after them by
+name), visit images before difference images; each group is a strip of
 stamps in time order, wrapped after ``columns`` stamps, with a label on the left
 (band, dataset type, how many epochs are shown of how many). A group of more than
 ``max_per_group`` epochs shows that many, evenly spread in time (the first and the
@@ -29,8 +30,9 @@ MARGIN - GAP`` high (:func:`filmstrip_size_px`); a target without epochs gets a
 page of one column's width and ``HEADER + MARGIN`` high that says so.
 
 **Light curve** (:func:`write_light_curve`): flux against MJD (TAI), one panel per
-dataset type (visit fluxes include any host galaxy; difference fluxes are
-``f(t) - f_template``), one colour per band (Okabe-Ito colours), error bars, from
+dataset type (visit images first; visit fluxes include any host galaxy, difference
+fluxes are ``f(t) - f_template``), one colour per band (Okabe-Ito colours; bands in
+ugrizy order), error bars, from
 :func:`harvester.epochs.aperture_photometry` (a disk of twice the median seeing at
 the target's position through each stamp's own WCS). Epochs whose aperture is not
 whole are marked with a grey ``x`` on the panel's floor. The figure is
@@ -54,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ..epochs import ApertureFluxes, TargetEpochs, aperture_photometry
+from ..epochs import ApertureFluxes, TargetEpochs, aperture_photometry, epoch_groups
 from .grid import BAD_COLOUR, EMPTY_COLOUR, _save_atomic, _short
 
 __all__ = [
@@ -135,7 +137,7 @@ def filmstrip_groups(epochs: TargetEpochs, *, max_per_group: int = 48) -> list[S
         raise ValueError(f"max_per_group must be at least 1, got max_per_group={max_per_group}")
     keys = list(zip(epochs.dataset_type.tolist(), epochs.band.tolist(), strict=True))
     groups = []
-    for key in dict.fromkeys(keys):
+    for key in epoch_groups(epochs.dataset_type, epochs.band):
         rows = np.flatnonzero([k == key for k in keys]).astype(np.int64)
         total = len(rows)
         if total > max_per_group:
@@ -399,11 +401,12 @@ def light_curve_figure(fluxes: ApertureFluxes, *, title: str | None = None) -> A
     from matplotlib.figure import Figure
     from matplotlib.transforms import blended_transform_factory
 
-    types = list(dict.fromkeys(fluxes.dataset_type.tolist())) or ["visit_image"]
+    order = epoch_groups(fluxes.dataset_type, fluxes.band)
+    types = list(dict.fromkeys(kind for kind, _ in order)) or ["visit_image"]
     height = LC_HEADER + len(types) * LC_PANEL + LC_FOOTER
     fig = Figure(figsize=(LC_WIDTH, height), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
-    bands = list(dict.fromkeys(fluxes.band.tolist()))
+    bands = list(dict.fromkeys(band for _, band in order))
     header = title or f"{fluxes.id}: aperture light curve"
     fig.text(
         0.5,

@@ -69,7 +69,7 @@ import numpy.typing as npt
 from astropy.io import fits
 
 from .._version import __version__
-from ..epochs import AlignedEpochs, default_aperture_arcsec
+from ..epochs import AlignedEpochs, default_aperture_arcsec, epoch_groups
 from ..masks import NO_DATA, mask_header_cards
 from .fits import safe_filename
 
@@ -101,9 +101,8 @@ _IMAGE_COLUMNS = (4, 5, 6, 7, 8)
 
 
 def tpf_groups(aligned: AlignedEpochs) -> list[tuple[str, str]]:
-    """The (dataset type, band) pairs present, in the order they first occur."""
-    e = aligned.epochs
-    return list(dict.fromkeys(zip(e.dataset_type.tolist(), e.band.tolist(), strict=True)))
+    """The (dataset type, band) pairs present (:func:`harvester.epochs.epoch_groups`)."""
+    return epoch_groups(aligned.epochs.dataset_type, aligned.epochs.band)
 
 
 def tpf_filename(target_id: str, dataset_type: str, band: str) -> str:
