@@ -11,9 +11,9 @@ name), visit images before difference images; each group is a strip of
 stamps in time order, wrapped after ``columns`` stamps, with a label on the left
 (band, dataset type, how many epochs are shown of how many). A group of more than
 ``max_per_group`` epochs shows that many, evenly spread in time (the first and the
-last included). Each stamp is titled with its time (MJD TAI, three decimals) and,
-below it, its status when that is not ``ok`` (in red, as on the cutout grid; the
-title's second line stays free otherwise). Stamps are grey,
+last included). Each stamp is titled with its time (MJD TAI to five decimals, about
+a second: visits are some 40 s apart) and, below it, its status when that is not
+``ok`` (in red, as on the cutout grid). Stamps are grey,
 north up and east left for aligned stamps (native ones keep their detector's
 orientation), scaled with **one** interval per group (zscale, or asinh over the
 99.5th percentile) so that brightness changes show; NaN pixels are dark red and a
@@ -57,7 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..epochs import ApertureFluxes, TargetEpochs, aperture_photometry, epoch_groups
-from .grid import BAD_COLOUR, EMPTY_COLOUR, _save_atomic, _short
+from .grid import BAD_COLOUR, EMPTY_COLOUR, _draw_header, _save_atomic, _short
 
 __all__ = [
     "StripGroup",
@@ -226,14 +226,7 @@ def filmstrip_figure(
             if len(epochs)
             else f"{epochs.id}: no epochs"
         )
-    fig.text(
-        0.5,
-        1 - HEADER_INCHES / 2 / height,
-        _short(title, 120),
-        ha="center",
-        va="center",
-        fontsize=HEADER_FONTSIZE,
-    )
+    _draw_header(fig, title, width, height)  # shrunk or wrapped to fit, as on the grid
     # The stamps are painted into one page-sized RGBA array (nearest-neighbour
     # enlarged, as imshow would), placed pixel for pixel with figimage: one image
     # instead of an Axes per stamp, about 20 times faster for a page of 200 stamps.
@@ -297,7 +290,7 @@ def _draw_group(
         fig.text(
             x / width,
             (stamp_top + 0.02 + TITLE_LINE_INCHES) / height,
-            f"{float(epochs.mjd_tai[row]):.3f}",
+            f"{float(epochs.mjd_tai[row]):.5f}",
             **style,
         )
         px, py = round(left * DPI), round((height - stamp_top) * DPI)
