@@ -15,7 +15,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,parquet,bench,dev,butler,butler-server,dask,tap]'
+	$(BIN)/pip install --quiet -e '.[test,parquet,bench,dev,butler,butler-server,dask,tap,align]'
 	touch $(STAMP)
 
 demo: $(STAMP)

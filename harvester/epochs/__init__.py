@@ -16,30 +16,54 @@ The data model the time-domain engine builds on:
 * :class:`TargetEpochs` — one target's epoch stamps in time order, each with its
   own header WCS: what every per-target output (native FITS, aligned cube,
   pictures) is made from.
+* :func:`align_epochs` — ``--align tract``: a target's epochs warped onto its home
+  tract's grid (the box its ``deep_coadd`` cutout has) with reproject, as
+  :class:`AlignedEpochs`, what the target pixel files are written from.
+* :func:`aperture_photometry` — simple aperture fluxes of every epoch at the
+  target's position through each stamp's own WCS (the light-curve pictures);
+  :func:`epoch_groups` — the (dataset type, band) groups in the order the outputs
+  show them.
 * :mod:`._time` — times are MJD TAI (mid-exposure) in memory and on disk,
   ``DATE-AVG`` strings in headers, ``day_obs`` as ``YYYYMMDD``.
 
 Dependency rule: numpy and the standard library; nothing else of harvester but
-:mod:`harvester.errors`.
+:mod:`harvester.errors`. Two modules go further: :mod:`._photometry` reads WCS with
+astropy, and :mod:`._align` also uses :mod:`harvester.skymap`, :mod:`harvester.masks`
+and :mod:`harvester.wcsheader`, importing ``reproject`` (the ``align`` extra) only
+when it warps.
 """
 
+from ._align import ALIGN_METHODS, AlignedEpochs, align_epochs
 from ._index import FootprintIndex
 from ._pairs import EpochUnit, Pairs
+from ._photometry import (
+    ApertureFluxes,
+    aperture_photometry,
+    default_aperture_arcsec,
+    epoch_groups,
+)
 from ._refs import EPOCH_TYPES, EpochRef, VisitRecord
 from ._stamps import EPOCH_COLUMNS, TargetEpochs
 from ._time import day_obs_of, day_obs_start_mjd, iso_tai, mjd_of_iso
 
 __all__ = [
+    "ALIGN_METHODS",
     "EPOCH_COLUMNS",
     "EPOCH_TYPES",
+    "AlignedEpochs",
+    "ApertureFluxes",
     "EpochRef",
     "EpochUnit",
     "FootprintIndex",
     "Pairs",
     "TargetEpochs",
     "VisitRecord",
+    "align_epochs",
+    "aperture_photometry",
     "day_obs_of",
     "day_obs_start_mjd",
+    "default_aperture_arcsec",
+    "epoch_groups",
     "iso_tai",
     "mjd_of_iso",
 ]
