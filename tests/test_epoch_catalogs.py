@@ -326,7 +326,7 @@ def test_butler_catalogue_equals_the_local_index(
     assert counting.calls["getURIs"] == 0
     for ref in cat.refs:
         local = {r.id: r for r in tiny_epochs.epochs}[ref.id]
-        assert Path(cat.access[ref.id].url) == (tiny_epochs.root / local.path).resolve()
+        assert Path(str(cat.access[ref.id].url)) == (tiny_epochs.root / local.path).resolve()
         assert ref.size == local.size
 
 
