@@ -18,7 +18,7 @@ in the registry: ``detector_size`` gives it per instrument (LSSTComCam's 4072 x 
 by default).
 
 Dependency rule: numpy, anyio, errors, :mod:`harvester.epochs`,
-:mod:`harvester.butler` (errors only) and :mod:`._epoch_catalogs`;
+:mod:`harvester.butler` (errors only) and :mod:`._epoch_records`;
 ``lsst.daf.butler`` and ``lsst.sphgeom`` lazily.
 """
 
@@ -35,7 +35,7 @@ import anyio
 from ..butler._lookup import butler_error
 from ..epochs import EpochRef
 from ..errors import ConfigError, HarvesterError, TransientError
-from ._epoch_catalogs import (
+from ._epoch_records import (
     EpochAccess,
     EpochCatalog,
     EpochSearch,
