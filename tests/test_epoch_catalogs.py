@@ -290,23 +290,25 @@ class CountingButler:
 
 
 def _butler_catalogues(
-    butler: Any, repo: Repository, agn: AgnList
-) -> tuple[EpochCatalog, EpochCatalog, CountingButler]:
+    butler: Any, repo: Repository, agn: AgnList, *, many: bool = True
+) -> tuple[EpochCatalog, EpochCatalog | None, CountingButler]:
     from harvester.butler._build import COLLECTION
     from harvester.sources._epoch_butler import ButlerEpochFinder
 
     counting = CountingButler(butler)
     size = {"LSSTComCam": (TINY_CAMERA.width, TINY_CAMERA.height)}
     finder = ButlerEpochFinder(counting, [COLLECTION], detector_size=size)
-    few, many = _search(repo, agn, 60), _search(repo, agn, 600)
+    few = _search(repo, agn, 60)
     cat = anyio.run(finder.find, few)
-    queries = counting.calls["query_datasets"]
-    big = anyio.run(finder.find, many)
     _same_epochs(cat, repo, few, exact=True)
-    _same_epochs(big, repo, many, exact=True)
     # One query per dataset type and region, whatever the number of targets.
-    assert cat.queries == big.queries == queries == 2
-    assert counting.calls["query_datasets"] == 4
+    assert cat.queries == counting.calls["query_datasets"] == 2
+    big = None
+    if many:
+        more = _search(repo, agn, 600)
+        big = anyio.run(finder.find, more)
+        _same_epochs(big, repo, more, exact=True)
+        assert big.queries == 2 and counting.calls["query_datasets"] == 4
     return cat, big, counting
 
 
@@ -353,11 +355,13 @@ def test_remote_butler_catalogue_equals_the_local_index(
             butler = butler_mod.Butler("dp1", collections=COLLECTION)
             try:
                 assert type(butler).__name__ == "RemoteButler"
-                cat, big, counting = _butler_catalogues(butler, tiny_epochs, tiny_agn)
+                # Ten times the targets cost no more queries: shown on the
+                # DirectButler above (the same code); one search here.
+                cat, _, counting = _butler_catalogues(butler, tiny_epochs, tiny_agn, many=False)
             finally:
                 butler.close()
         # No bulk URI call remotely: one getURIs per image kept, never per target.
-        assert counting.calls["getURIs"] == len(cat.refs) + len(big.refs)
+        assert counting.calls["getURIs"] == len(cat.refs)
         ref = cat.refs[0]
         url = cat.access[ref.id].url
         assert url == f"{storage.base_url}/_store/{ref.id}.fits"
