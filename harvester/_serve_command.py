@@ -168,7 +168,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         auth = "no auth" if args.no_auth else f"{len(tokens)} token(s)"
-        print(f"Serving {args.repo} ({len(repo)} files) as '{args.dataset}' at {url} ({auth})")
+        held = f"{len(repo)} deep_coadd"
+        if repo.templates or repo.epochs:
+            held += f", {len(repo.templates)} template_coadd, {len(repo.epochs)} single-epoch"
+        print(f"Serving {args.repo} ({held} files) as '{args.dataset}' at {url} ({auth})")
         print(f"  discovery: {url}/repertoire/discovery   stop with Ctrl-C", flush=True)
         if use_tap:
             where = "an existing database" if args.tap_dsn else "a throwaway PostgreSQL cluster"

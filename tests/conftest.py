@@ -184,3 +184,22 @@ def tiny_epoch_spec(tract: int, agn: AgnList, **changes: object) -> EpochSpec:
         templates=tuple((tract, p) for p in (5, 6, 9, 10)),
     )
     return replace(spec, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def tiny_epochs_compressed(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tract: int, tiny_agn: AgnList
+) -> Repository:
+    """Two tile-compressed g visits over the tiny AGN field (no templates)."""
+    root = tmp_path_factory.mktemp("epochsz")
+    spec = tiny_epoch_spec(tiny_tract, tiny_agn, visits=2, bands=("g",), compress=True)
+    return build_epochs(root, replace(spec, templates=()))
+
+
+@pytest.fixture(scope="session")
+def tap_epochs(tiny_epochs: Repository, tap_cluster: PostgresCluster) -> Iterator[TapServer]:
+    """``harvester serve --tap`` on ``tiny_epochs``: every image type in ``ivoa.ObsCore``."""
+    from harvester.service import serve_tap_in_thread
+
+    with serve_tap_in_thread(tiny_epochs, tap_cluster) as server:
+        yield server

@@ -7,12 +7,14 @@ image. No overlap: :class:`NoOverlap`. Only the box's rows (or compressed tiles)
 are read, through astropy's ``section``. The output is a primary HDU (the source
 primary header plus ``BTLR*``, ``ST_*``, ``DATE-CUT``, ``CUTVERS``) and the IMAGE
 (and MASK, VARIANCE) HDUs with their WCS, ``LTV`` and ``A`` cards shifted to the
-box (:func:`harvester.wcsheader.window_cards`).
+box: a coadd's from its tract (:func:`harvester.wcsheader.window_cards`), a
+``visit_image``'s or ``difference_image``'s from its own header TAN-SIP
+(:func:`shifted_header`), so a visit cutout is in the visit's own pixel grid.
 
 Runs in a worker thread: no event loop, no shared state.
 
-Dependency rule: numpy, astropy, :mod:`harvester.repo`, :mod:`harvester.skymap`,
-:mod:`harvester.wcsheader` and the service's geometry.
+Dependency rule: numpy, astropy, the epoch records, :mod:`harvester.skymap`,
+:mod:`harvester.wcsheader` and the service's geometry and ids.
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .._version import __version__
-from ..repo import DatasetRef
+from ..epochs._refs import EpochRef
 from ..skymap import TractWcs
 from ..wcsheader import window_cards
 from ._geometry import Circle, Polygon, circle_boundary, unit_vectors
+from ._ids import ServedRef
 
-__all__ = ["CUTOUT_DETAILS", "Box", "CutoutTooLarge", "NoOverlap", "Stencil", "make_cutout"]
+__all__ = [
+    "CUTOUT_DETAILS",
+    "Box",
+    "CutoutTooLarge",
+    "NoOverlap",
+    "Stencil",
+    "make_cutout",
+    "shifted_header",
+]
 
 #: CUTOUTDETAIL -> pixel HDUs written (Exposure is MaskedImage here: no metadata tables).
 CUTOUT_DETAILS: dict[str, tuple[str, ...]] = {
@@ -153,10 +164,49 @@ def cutout_box(header: fits.Header, stencil: Stencil) -> Box:
     return Box(x0, y0, x1, y1)
 
 
+def _data_id(ref: ServedRef, skymap_name: str) -> tuple[tuple[str, object], ...]:
+    """The source's Butler data id, for the ``BTLRK``/``BTLRV`` cards."""
+    if isinstance(ref, EpochRef):
+        return (
+            ("instrument", ref.instrument),
+            ("detector", ref.detector),
+            ("visit", ref.visit),
+            ("band", ref.band),
+            ("day_obs", ref.day_obs),
+            ("physical_filter", ref.physical_filter),
+        )
+    return (
+        ("band", ref.band),
+        ("skymap", skymap_name),
+        ("tract", ref.tract),
+        ("patch", ref.patch),
+    )
+
+
+def shifted_header(header: fits.Header, x0: int, y0: int) -> fits.Header:
+    """A pixel HDU's header for the window whose first pixel is its local (x0, y0).
+
+    The file's own WCS moves with the window (``CRPIX`` minus the origin; SIP
+    terms are polynomials of the offset from ``CRPIX``, so they stay exact), and
+    so do ``LTV1/2`` and the ``A`` (PARENT) WCS: how a single-epoch image's
+    cutout keeps its header TAN-SIP instead of taking a tract's.
+    """
+    out = header.copy()
+    for key in ("CHECKSUM", "DATASUM", "EXTNAME"):
+        out.remove(key, ignore_missing=True)
+    for axis, shift in ((1, x0), (2, y0)):
+        if f"CRPIX{axis}" in out:
+            out[f"CRPIX{axis}"] = float(out[f"CRPIX{axis}"]) - shift
+        out[f"LTV{axis}"] = int(out.get(f"LTV{axis}", 0)) - shift
+        if f"CRVAL{axis}A" in out:
+            out[f"CRVAL{axis}A"] = float(out[f"CRVAL{axis}A"]) + shift
+    return out
+
+
 def make_cutout(
     path: Path,
-    ref: DatasetRef,
-    tract_wcs: TractWcs,
+    ref: ServedRef,
+    tract_wcs: TractWcs | None,
     skymap_name: str,
     stencil: Stencil,
     detail: str,
@@ -164,6 +214,10 @@ def make_cutout(
     now: float,
 ) -> bytes:
     """The cutout FITS file as bytes.
+
+    A coadd (``tract_wcs`` given) gets the tract WCS shifted to the box, as
+    ``dax_images_cutout`` writes it; a single-epoch image (``tract_wcs`` None) keeps
+    its own header WCS, shifted to the box (:func:`shifted_header`).
 
     Raises
     ------
@@ -193,13 +247,7 @@ def make_cutout(
             ref.dataset_type,
             "Butler dataset type of the source",
         )
-        data_id = (
-            ("band", ref.band),
-            ("skymap", skymap_name),
-            ("tract", ref.tract),
-            ("patch", ref.patch),
-        )
-        for n, (key, value) in enumerate(data_id):
+        for n, (key, value) in enumerate(_data_id(ref, skymap_name)):
             h[f"BTLRK{n:03d}"] = (key, f"Name of dimension {n} in the data ID.")
             h[f"BTLRV{n:03d}"] = (value, f"Value of dimension {n} in the data ID.")
         for key, value, comment in stencil.cards():
@@ -210,18 +258,25 @@ def make_cutout(
         )
         h["CUTVERS"] = (f"harvester {__version__}", "Version of the cutout code")
         hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [primary]
-        cards = window_cards(tract_wcs, parent_x + box.x0, parent_y + box.y0)
+        cards = (
+            window_cards(tract_wcs, parent_x + box.x0, parent_y + box.y0)
+            if tract_wcs is not None
+            else None
+        )
         for name in CUTOUT_DETAILS[detail]:
             try:
                 src = hdul[name]
             except KeyError:
                 continue
             data = np.asarray(src.section[box.y0 : box.y1 + 1, box.x0 : box.x1 + 1])
-            header = src.header.copy()
-            for key in ("CHECKSUM", "DATASUM", "EXTNAME"):
-                header.remove(key, ignore_missing=True)
-            for key, value, comment in cards:
-                header[key] = (value, comment)
+            if cards is None:
+                header = shifted_header(src.header, box.x0, box.y0)
+            else:
+                header = src.header.copy()
+                for key in ("CHECKSUM", "DATASUM", "EXTNAME"):
+                    header.remove(key, ignore_missing=True)
+                for key, value, comment in cards:
+                    header[key] = (value, comment)
             hdus.append(fits.ImageHDU(data=data, header=header, name=name))
     buf = io.BytesIO()
     fits.HDUList(hdus).writeto(buf)

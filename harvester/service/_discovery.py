@@ -14,8 +14,17 @@ run can plan without SIA. It needs a ``read:image`` token. Schema::
          "polygon": [[ra, dec], [ra, dec], [ra, dec], [ra, dec]],
          "obs_publisher_did": "ivo://org.rubinobs/usdac/lsst-dp1?repo=dp1&id=<uuid>",
          "access_url": "<base>/api/datalink/links?ID=ivo%3A..."}, ...
+      ],
+      "templates": [<as datasets, dataset_type "template_coadd">, ...],
+      "epochs": [
+        {<harvester.epochs.EpochRef fields but "path">, "obs_publisher_did": ...,
+         "access_url": ...}, ...
       ]
     }
+
+``datasets`` holds the ``deep_coadd`` files only (what a coadd harvest plans
+with); ``templates`` and ``epochs`` are there when the repository has them (an
+epoch's ``mjd_tai`` is TAI, unlike ObsCore's UTC ``t_min``/``t_max``).
 
 Dependency rule: the service's leaf modules; no other route.
 """
@@ -28,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..epochs._refs import EpochRef, epoch_json
+from ..repo import DatasetRef
 from ._ids import datalink_url, publisher_did
 from ._state import STATE
 
@@ -88,30 +99,47 @@ async def discovery(request: web.Request) -> web.StreamResponse:
     return web.json_response(doc, headers={"Access-Control-Allow-Origin": "*"})
 
 
+def _coadd_entry(ref: DatasetRef, base: str, dataset: str) -> dict[str, Any]:
+    return {
+        "id": ref.id,
+        "dataset_type": ref.dataset_type,
+        "tract": ref.tract,
+        "patch": ref.patch,
+        "band": ref.band,
+        "size": ref.size,
+        "compressed": ref.compressed,
+        "polygon": [list(p) for p in ref.polygon],
+        "obs_publisher_did": publisher_did(dataset, ref.id),
+        "access_url": datalink_url(base, dataset, ref.id),
+    }
+
+
+def _epoch_entry(ref: EpochRef, base: str, dataset: str) -> dict[str, Any]:
+    entry = epoch_json(ref)
+    del entry["path"]  # the server's own layout: clients go through DataLink
+    return entry | {
+        "obs_publisher_did": publisher_did(dataset, ref.id),
+        "access_url": datalink_url(base, dataset, ref.id),
+    }
+
+
 async def repository_index(request: web.Request) -> web.StreamResponse:
     """``GET /api/harvester/repository`` (extension; ``read:image``)."""
     state = request.app[STATE]
     base = state.base_url(request)
     dataset = state.settings.dataset
-    doc = {
+    repo = state.repo
+    doc: dict[str, Any] = {
         "format": REPOSITORY_FORMAT,
         "version": 1,
         "dataset": dataset,
-        "skymap": asdict(state.repo.skymap.config),
-        "datasets": [
-            {
-                "id": ref.id,
-                "dataset_type": ref.dataset_type,
-                "tract": ref.tract,
-                "patch": ref.patch,
-                "band": ref.band,
-                "size": ref.size,
-                "compressed": ref.compressed,
-                "polygon": [list(p) for p in ref.polygon],
-                "obs_publisher_did": publisher_did(dataset, ref.id),
-                "access_url": datalink_url(base, dataset, ref.id),
-            }
-            for ref in state.table.index.refs
-        ],
+        "skymap": asdict(repo.skymap.config),
+        "datasets": [_coadd_entry(ref, base, dataset) for ref in repo],
     }
+    if repo.templates:
+        doc["templates"] = [
+            _coadd_entry(repo.templates[k], base, dataset) for k in sorted(repo.templates)
+        ]
+    if repo.epochs:
+        doc["epochs"] = [_epoch_entry(ref, base, dataset) for ref in repo.epochs]
     return web.Response(text=json.dumps(doc), content_type="application/json")

@@ -75,7 +75,7 @@ async def store_file(request: web.Request) -> web.StreamResponse:
         return _no_such_key()
     ref = state.table.index.refs[i]
     try:
-        source, mtime = state.files.open(str(state.repo.path_of(ref)))
+        source, mtime = state.files.open(str(state.path_of(ref)))
     except (OSError, ValueError):
         return s3_error(500, "InternalError", "We encountered an internal error. Please try again.")
     _, _, size, mtime_ns = source.identity

@@ -4,7 +4,12 @@ Two spellings name a dataset (``daf_butler`` ``Butler.parse_dataset_uri``):
 ``butler://<label>/<uuid>`` and ``ivo://<anything>?repo=<label>&id=<uuid>``. An ID is
 only ever looked up in the loaded index by its UUID: no user string reaches a path.
 
-Dependency rule: standard library and :mod:`harvester.repo` only.
+Every image type the service holds is looked up the same way: coadds
+(``deep_coadd``, ``template_coadd``: :class:`~harvester.repo.DatasetRef`) and
+single-epoch images (``visit_image``, ``difference_image``:
+:class:`~harvester.epochs.EpochRef`), together :data:`ServedRef`.
+
+Dependency rule: standard library, :mod:`harvester.repo` and the epoch records.
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, urlsplit
 
+from ..epochs._refs import EpochRef
 from ..repo import DatasetRef
 
 __all__ = [
     "MAX_ID_LENGTH",
     "DatasetIndex",
     "IdError",
+    "ServedRef",
     "datalink_id",
     "datalink_url",
     "parse_dataset_id",
     "publisher_did",
 ]
+
+#: A file the service holds: a coadd-like dataset or a single-epoch image.
+ServedRef = DatasetRef | EpochRef
 
 #: Longer IDs are not parsed at all.
 MAX_ID_LENGTH = 512
@@ -99,11 +109,11 @@ class DatasetIndex:
     """Datasets by UUID, in index order."""
 
     dataset: str
-    refs: tuple[DatasetRef, ...]
+    refs: tuple[ServedRef, ...]
     by_uuid: Mapping[uuid.UUID, int]
 
     @classmethod
-    def build(cls, dataset: str, refs: Iterable[DatasetRef]) -> DatasetIndex:
+    def build(cls, dataset: str, refs: Iterable[ServedRef]) -> DatasetIndex:
         ordered = tuple(refs)
         by_uuid = {uuid.UUID(ref.id): i for i, ref in enumerate(ordered)}
         return cls(dataset, ordered, by_uuid)
@@ -111,7 +121,7 @@ class DatasetIndex:
     def __len__(self) -> int:
         return len(self.refs)
 
-    def lookup(self, text: str) -> tuple[int, DatasetRef]:
+    def lookup(self, text: str) -> tuple[int, ServedRef]:
         """The (position, dataset) a DataLink/SODA ID names.
 
         Raises

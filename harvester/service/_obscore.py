@@ -1,11 +1,18 @@
 """DP1 ObsCore records of a repository's datasets (``dax_obscore`` ``configs/dp1.yaml``).
 
-The per-dataset numbers (centre, field of view, region, pixel counts) are computed
-once, vectorised, when the application is built; a query then selects rows by
-mask and renders only those.
+Every image type the tutorials name that the repository holds: ``deep_coadd`` and
+``template_coadd`` (level 3, patch polygons, no times), ``visit_image`` (level 2)
+and ``difference_image`` (level 3), each detector's polygon with its exposure span
+(``t_min``/``t_max`` in MJD UTC, as the RSP writes them), ``t_exptime``,
+``lsst_visit`` and ``lsst_detector``. SIA and TAP's ``ivoa.ObsCore`` both take
+their rows from :func:`obscore_record`, so the two always list the same images.
 
-Dependency rule: numpy, :mod:`harvester.repo` and the service's own ids, geometry
-and votable modules.
+The per-dataset numbers (centre, field of view, region, pixel counts, times) are
+computed once, vectorised, when the application is built; a query then selects
+rows by mask and renders only those.
+
+Dependency rule: numpy (astropy for the TAI-to-UTC conversion), :mod:`harvester.repo`,
+the epoch records and the service's own ids, geometry and votable modules.
 """
 
 from __future__ import annotations
@@ -17,16 +24,21 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ..repo import DatasetRef, Repository
+from ..epochs._refs import EpochRef
+from ..repo import Repository
 from ._geometry import PolygonSet
-from ._ids import DatasetIndex, datalink_url, publisher_did
+from ._ids import DatasetIndex, ServedRef, datalink_url, publisher_did
 from ._votable import Field, td
 
 __all__ = [
     "ACCESS_URL",
     "FIELDS",
+    "PRODUCTS",
     "SPECTRAL_RANGES",
+    "EpochTimes",
     "ObsCoreTable",
+    "detector_name",
+    "epoch_times",
     "obscore_record",
 ]
 
@@ -184,58 +196,147 @@ FIELDS: tuple[Field, ...] = (
 ACCESS_URL = next(i for i, f in enumerate(FIELDS) if f.name == "access_url")
 
 
+#: Per dataset type: ``calib_level`` and ``o_ucd``, as ``dp1.yaml`` has them (the
+#: ``phot.flux_density`` of ``template_coadd`` is DP1's own spelling).
+PRODUCTS: dict[str, tuple[int, str]] = {
+    "deep_coadd": (3, "phot.flux.density"),
+    "template_coadd": (3, "phot.flux_density"),
+    "visit_image": (2, "phot.flux.density"),
+    "difference_image": (3, "phot.flux.density"),
+}
+
+#: ``target_name`` of every visit, as the Butler build writes the visit records.
+TARGET_NAME = "ECDFS"
+
+
+@dataclass(frozen=True)
+class EpochTimes:
+    """An epoch image's ObsCore times: its exposure span in MJD **UTC**, as the RSP's
+    ObsCore writes ``t_min``/``t_max`` (harvester's own times are TAI), and the span's
+    start as ISO UTC (for ``obs_title``)."""
+
+    t_min: float
+    t_max: float
+    begin_iso: str
+
+
+def epoch_times(refs: Sequence[EpochRef]) -> list[EpochTimes]:
+    """:class:`EpochTimes` of many epoch images at once (one vectorised astropy
+    conversion from TAI to UTC; the leap seconds are astropy's)."""
+    if not refs:
+        return []
+    from astropy.time import Time
+
+    begin = Time(np.array([r.t_begin for r in refs]), format="mjd", scale="tai").utc
+    end = Time(np.array([r.t_end for r in refs]), format="mjd", scale="tai").utc
+    iso = begin.isot
+    return [
+        EpochTimes(float(b), float(e), str(i))
+        for b, e, i in zip(begin.mjd.tolist(), end.mjd.tolist(), np.atleast_1d(iso), strict=True)
+    ]
+
+
+def detector_name(detector: int) -> str:
+    """LSSTComCam's ``detector.full_name`` (one raft, R22, of 3 x 3 sensors), as the
+    Butler build registers it."""
+    row, col = divmod(detector, 3)
+    return f"R22_S{row}{col}"
+
+
 def obscore_record(
-    ref: DatasetRef,
+    ref: ServedRef,
     dataset: str,
     skymap_name: str,
     side: int,
     centre: tuple[float, float, float],
+    times: EpochTimes | None = None,
 ) -> tuple[object, ...]:
     """One dataset's ObsCore values in :data:`FIELDS` order (``dp1.yaml`` rules).
 
     The one source of ObsCore rows: SIA renders them as ``TD`` cells, TAP loads
     them into ``ivoa.ObsCore``. ``access_url`` is ``None`` here (it depends on the
     base URL: :meth:`ObsCoreTable.record`); ``centre`` is ``(s_ra, s_dec, s_fov)``.
-    A dataset type with a time span would fill ``t_min``, ``t_max`` and
-    ``t_exptime`` here.
+
+    * ``deep_coadd`` and ``template_coadd`` (a :class:`~harvester.repo.DatasetRef`):
+      level 3, ``obs_id`` ``{skymap}-{tract}-{patch}``, ``side`` x ``side`` pixels,
+      the patch polygon, no times.
+    * ``visit_image`` (level 2) and ``difference_image`` (level 3), an
+      :class:`~harvester.epochs.EpochRef`: ``obs_id`` the visit's name (its id),
+      the detector's pixel size and polygon, ``t_min``/``t_max`` the exposure span
+      and ``t_exptime`` (``times``, required), ``target_name``, ``lsst_visit``,
+      ``lsst_detector`` and ``lsst_filter``.
+
+    Raises
+    ------
+    ValueError
+        An epoch image without ``times``, or a dataset type ObsCore does not know.
     """
+    if ref.dataset_type not in PRODUCTS:
+        raise ValueError(f"{ref.id}: dataset type {ref.dataset_type!r} has no ObsCore rule")
+    calib, o_ucd = PRODUCTS[ref.dataset_type]
     region = " ".join(f"{ra:.6f} {dec:.6f}" for ra, dec in ref.polygon)
     em_min, em_max = SPECTRAL_RANGES.get(ref.band, (math.nan, math.nan))
     s_ra, s_dec, s_fov = centre
+    t_min: float | None
+    t_max: float | None
+    t_exptime: float | None
+    visit: int | None
+    detector: int | None
+    tract: int | None
+    patch: int | None
+    if isinstance(ref, EpochRef):
+        if times is None:
+            raise ValueError(f"{ref.id}: an epoch image's ObsCore record needs its times")
+        obs_id = str(ref.visit)
+        title = (
+            f"{ref.dataset_type} - {ref.band} - {obs_id}-{detector_name(ref.detector)} "
+            f"{times.begin_iso}Z"
+        )
+        target, xel1, xel2, instrument = TARGET_NAME, ref.width, ref.height, ref.instrument
+        t_min, t_max, t_exptime = times.t_min, times.t_max, ref.exptime
+        visit, detector, tract, patch = ref.visit, ref.detector, None, None
+        physical_filter: str | None = ref.physical_filter
+    else:
+        obs_id = f"{skymap_name}-{ref.tract}-{ref.patch}"
+        title = f"{ref.dataset_type} - {ref.band} - tract={ref.tract} patch={ref.patch}"
+        target, xel1, xel2, instrument = None, side, side, "LSSTComCam"
+        t_min = t_max = t_exptime = None
+        visit = detector = None
+        tract, patch, physical_filter = ref.tract, ref.patch, None
     return (
         "image",
         f"lsst.{ref.dataset_type}",
         "Rubin:Simonyi",
-        3,
-        None,
-        f"{skymap_name}-{ref.tract}-{ref.patch}",
+        calib,
+        target,
+        obs_id,
         f"LSST.{dataset.upper()}",
         publisher_did(dataset, ref.id),
         None,  # access_url
         "application/x-votable+xml;content=datalink",
         None,
-        side,
-        side,
+        xel1,
+        xel2,
         None,
-        None,
-        None,
-        None,
+        t_min,
+        t_max,
+        t_exptime,
         None,
         None,
         em_min,
         em_max,
         None,
         ref.band,
-        "phot.flux.density",
+        o_ucd,
         None,
-        "LSSTComCam",
-        None,
-        None,
-        ref.tract,
-        ref.patch,
+        instrument,
+        visit,
+        detector,
+        tract,
+        patch,
         ref.band,
-        None,
-        f"{ref.dataset_type} - {ref.band} - tract={ref.tract} patch={ref.patch}",
+        physical_filter,
+        title,
         s_ra,
         s_dec,
         s_fov,
@@ -247,6 +348,10 @@ def obscore_record(
 class ObsCoreTable:
     """The ObsCore rows of every dataset, as column arrays.
 
+    Rows are the repository's ``deep_coadd`` files (index order), then its
+    ``template_coadd`` files (by tract, patch, band), then its single-epoch images
+    (index order).
+
     Attributes
     ----------
     index : DatasetIndex
@@ -256,6 +361,10 @@ class ObsCoreTable:
     calib_level : ndarray of int
     subtype : tuple of str
         ``dataproduct_subtype`` (``lsst.<dataset type>``) of each dataset.
+    t_min, t_max : ndarray
+        Exposure span, MJD UTC (NaN for coadds).
+    exptime : ndarray
+        Exposure time in seconds (NaN for coadds).
     records : tuple of tuple
         Every dataset's :func:`obscore_record`.
     """
@@ -272,11 +381,16 @@ class ObsCoreTable:
     records: tuple[tuple[object, ...], ...]
     static_cells: tuple[tuple[str, str], ...]
     skymap_name: str
+    t_min: npt.NDArray[np.float64]
+    t_max: npt.NDArray[np.float64]
+    exptime: npt.NDArray[np.float64]
 
     @classmethod
     def build(cls, repo: Repository, dataset: str) -> ObsCoreTable:
         """Compute every dataset's ObsCore numbers (no I/O)."""
-        index = DatasetIndex.build(dataset, repo)
+        templates = [repo.templates[k] for k in sorted(repo.templates)]
+        served: list[ServedRef] = [*repo, *templates, *repo.epochs]
+        index = DatasetIndex.build(dataset, served)
         refs = index.refs
         polys = np.array([ref.polygon for ref in refs], dtype=float)
         polygons = PolygonSet.from_radec(polys if len(refs) else np.zeros((0, 4, 2)))
@@ -286,6 +400,9 @@ class ObsCoreTable:
         em = em.reshape(len(refs), 2)
         side = repo.skymap.config.patch_inner + 2 * repo.skymap.config.patch_border
         skymap_name = repo.skymap.config.name
+        first_epoch = len(refs) - len(repo.epochs)
+        times: list[EpochTimes | None] = [None] * first_epoch
+        times += epoch_times(repo.epochs)
         records = tuple(
             obscore_record(
                 ref,
@@ -293,6 +410,7 @@ class ObsCoreTable:
                 skymap_name,
                 side,
                 (float(s_ra[i]), float(s_dec[i]), float(s_fov[i])),
+                times[i],
             )
             for i, ref in enumerate(refs)
         )
@@ -302,19 +420,25 @@ class ObsCoreTable:
             for rec in records
         )
         calib = np.array([rec[3] for rec in records], dtype=np.int64)
+        nan = math.nan
         return cls(
-            index,
-            polygons,
-            s_ra,
-            s_dec,
-            s_fov,
-            em[:, 0] if len(refs) else np.zeros(0),
-            em[:, 1] if len(refs) else np.zeros(0),
-            calib,
-            tuple(f"lsst.{ref.dataset_type}" for ref in refs),
-            records,
-            cells,
-            skymap_name,
+            index=index,
+            polygons=polygons,
+            s_ra=s_ra,
+            s_dec=s_dec,
+            s_fov=s_fov,
+            em_min=em[:, 0] if len(refs) else np.zeros(0),
+            em_max=em[:, 1] if len(refs) else np.zeros(0),
+            calib_level=calib,
+            subtype=tuple(f"lsst.{ref.dataset_type}" for ref in refs),
+            records=records,
+            static_cells=cells,
+            skymap_name=skymap_name,
+            t_min=np.array([nan if t is None else t.t_min for t in times], dtype=np.float64),
+            t_max=np.array([nan if t is None else t.t_max for t in times], dtype=np.float64),
+            exptime=np.array(
+                [r.exptime if isinstance(r, EpochRef) else nan for r in refs], dtype=np.float64
+            ),
         )
 
     def __len__(self) -> int:

@@ -2,19 +2,33 @@
 
 Parameter names are case-insensitive; values of one parameter are OR-ed, different
 parameters AND-ed. Applied: ``POS`` (CIRCLE, RANGE, POLYGON against each dataset's
-sky polygon), ``BAND`` (metres, overlap with the band's spectral range, bounds
-inclusive), ``CALIB``, ``DPTYPE``, ``DPSUBTYPE``, ``ID``, ``INSTRUMENT``, ``MAXREC``
-(default and cap from the settings, 0 = self-description). Validated but not
-applied, as on the RSP: ``TIME`` and ``EXPTIME`` (coadds have no time),
-``FOV``, ``SPATRES``, ``SPECRP``, ``TIMERES``, ``POL``, ``COLLECTION``, ``FACILITY``,
-``TARGET``, ``FORMAT``. Errors are 400 VOTables (``UsageFault: ...``); an unknown
-collection is 404.
+sky polygon: a patch for coadds and templates, a detector for single-epoch images),
+``BAND`` (metres, overlap with the band's spectral range, bounds inclusive),
+``CALIB``, ``DPTYPE``, ``DPSUBTYPE``, ``ID``, ``INSTRUMENT``, ``MAXREC`` (default and
+cap from the settings, 0 = self-description), and:
+
+* ``TIME`` (MJD **UTC**, ``lo hi`` or one instant, infinities open): the exposure
+  span ``[t_min, t_max)`` must overlap the interval (``visit.timespan OVERLAPS``,
+  half-open as Butler timespans; an instant must fall inside it). As on the RSP,
+  **TIME constrains calibration levels 1 and 2 only** (``visit_image``): level-3
+  rows (``deep_coadd``, ``template_coadd`` and ``difference_image``) are returned
+  whatever their time, and ``QUERY_WARNINGS`` says so. A client after difference
+  images in a window filters their ``t_min``/``t_max`` itself, or finds them by the
+  (visit, detector) of the visit images it got.
+* ``EXPTIME`` (seconds): strictly ``lo < t_exptime < hi`` for single-epoch images;
+  coadds and templates, which have no exposure time, are left out (``dax_obscore``
+  skips dataset types without a visit).
+
+Validated but not applied, as on the RSP: ``FOV``, ``SPATRES``, ``SPECRP``,
+``TIMERES``, ``POL``, ``COLLECTION``, ``FACILITY``, ``TARGET``, ``FORMAT``. Errors are
+400 VOTables (``UsageFault: ...``); an unknown collection is 404.
 
 Dependency rule: the service's leaf modules; no other route.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -42,7 +56,9 @@ __all__ = ["sia_availability", "sia_capabilities", "sia_query"]
 
 SIA_STANDARD_ID = "ivo://ivoa.net/std/SIA#query-2.0"
 _RESPONSE_FORMATS = {"votable", "application/x-votable+xml", "text/xml", "application/xml"}
-_INTERVAL_PARAMS = ("TIME", "EXPTIME", "FOV", "SPATRES", "SPECRP", "TIMERES")
+_INTERVAL_PARAMS = ("FOV", "SPATRES", "SPECRP", "TIMERES")
+#: Calibration levels ``TIME`` constrains (the RSP's behaviour, tutorial 103.2).
+TIMED_LEVELS = (1, 2)
 
 
 class UsageFault(Exception):
@@ -69,7 +85,56 @@ def _interval(name: str, text: str) -> tuple[float, float]:
         return values[0], values[0]
     if len(values) != 2:
         raise UsageFault(f"Invalid {name} value {text!r}: expected one or two numbers")
+    if values[0] > values[1]:
+        raise UsageFault(
+            f"Invalid {name} value {text!r}: start of interval, {values[0]}, must come "
+            f"before end, {values[1]}"
+        )
     return values[0], values[1]
+
+
+def _time_mask(table: ObsCoreTable, texts: list[str]) -> npt.NDArray[np.bool_]:
+    """Rows whose exposure span overlaps any of the ``TIME`` values (see the module
+    docstring); rows of levels TIME does not constrain pass."""
+    hit = np.zeros(len(table), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for text in texts:
+            lo, hi = _interval("TIME", text)
+            if lo == hi:  # an instant: inside [t_min, t_max)
+                hit |= (table.t_min <= lo) & (table.t_max > lo)
+            else:
+                hit |= (table.t_min < hi) & (table.t_max > lo)
+    out: npt.NDArray[np.bool_] = hit | ~np.isin(table.calib_level, TIMED_LEVELS)
+    return out
+
+
+def _exptime_mask(table: ObsCoreTable, texts: list[str]) -> npt.NDArray[np.bool_]:
+    """Single-epoch rows whose exposure time is strictly inside any ``EXPTIME`` value."""
+    hit = np.zeros(len(table), dtype=bool)
+    for text in texts:
+        lo, hi = _interval("EXPTIME", text)
+        one = np.isfinite(table.exptime)
+        if math.isfinite(lo):
+            one &= table.exptime > lo
+        if math.isfinite(hi):
+            one &= table.exptime < hi
+        hit |= one
+    return hit
+
+
+def warnings_for(table: ObsCoreTable, params: Params, selected: npt.NDArray[np.intp]) -> list[str]:
+    """``QUERY_WARNINGS`` lines: ``TIME`` given and level-3 rows answered unfiltered."""
+    if not params.getall("TIME"):
+        return []
+    levels = table.calib_level[selected]
+    untimed = int(np.count_nonzero(~np.isin(levels, TIMED_LEVELS)))
+    if not untimed:
+        return []
+    return [
+        "TIME constrains calibration levels 1 and 2 (visit_image) only: "
+        f"{untimed} level-3 row(s) (deep_coadd, template_coadd, difference_image) "
+        "are not filtered by time"
+    ]
 
 
 def select(table: ObsCoreTable, params: Params, max_vertices: int) -> npt.NDArray[np.bool_]:
@@ -98,6 +163,12 @@ def select(table: ObsCoreTable, params: Params, max_vertices: int) -> npt.NDArra
             lo, hi = _interval("BAND", text)
             hit |= (table.em_min <= hi) & (table.em_max >= lo)
         mask &= hit
+    times = params.getall("TIME")
+    if times:
+        mask &= _time_mask(table, times)
+    exptimes = params.getall("EXPTIME")
+    if exptimes:
+        mask &= _exptime_mask(table, exptimes)
     for name in _INTERVAL_PARAMS:
         for text in params.getall(name):
             _interval(name, text)
@@ -173,13 +244,17 @@ def _fields() -> str:
     return "\n".join(field_xml(f, "   ") for f in FIELDS) + "\n"
 
 
-def _results_open(dataset: str, status: str) -> str:
+def _results_open(dataset: str, status: str, warnings: list[str] | None = None) -> str:
+    notes = "".join(
+        f'  <INFO name="QUERY_WARNINGS" value="OK">{xml_text(w)}</INFO>\n' for w in warnings or ()
+    )
     return (
         ' <RESOURCE type="results">\n'
         '  <COOSYS ID="coosys" system="ICRS"/>\n'
         '  <TIMESYS ID="timesys" timeorigin="MJD-origin" timescale="UTC"/>\n'
         f"  <DESCRIPTION>{xml_text(f'{dataset} datasets served by harvester')}</DESCRIPTION>\n"
         f'  <INFO name="QUERY_STATUS" value="{status}"/>\n'
+        f"{notes}"
         "  <TABLE>\n"
     )
 
@@ -189,7 +264,14 @@ def _self_description(request: web.Request, base: str, dataset: str) -> str:
     params = [
         ("POS", "char", "*", None, "Circle, range or polygon region to be searched"),
         ("BAND", "double", "2", "interval", "Wavelength interval in metres"),
-        ("TIME", "double", "2", "interval", "Time interval (MJD UTC); coadds are not filtered"),
+        (
+            "TIME",
+            "double",
+            "2",
+            "interval",
+            "Time interval (MJD UTC); constrains calibration levels 1 and 2 only",
+        ),
+        ("EXPTIME", "double", "2", "interval", "Exposure time interval (s); epoch images only"),
         ("CALIB", "int", "*", None, "Calibration level"),
         ("DPTYPE", "char", "*", None, "image or cube"),
         ("DPSUBTYPE", "char", "*", None, "Data product subtype, e.g. lsst.deep_coadd"),
@@ -257,7 +339,7 @@ async def sia_query(request: web.Request) -> web.StreamResponse:
             body = "".join(
                 [
                     _head(request, base, dataset),
-                    _results_open(dataset, status),
+                    _results_open(dataset, status, warnings_for(state.table, params, selected)),
                     _fields(),
                     "   <DATA>\n    <TABLEDATA>\n",
                     state.table.rows(base, selected[:maxrec].tolist()),

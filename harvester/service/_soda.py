@@ -6,7 +6,9 @@ MaskedImage or Exposure (here the same as MaskedImage: the files have no metadat
 tables). Success is ``303 See Other`` to a signed, expiring, token-free result URL
 (``/_results/<token>.fits?X-Goog-...``). Errors are ``text/plain``
 ``<Code>: <message>`` with the statuses of the RSP (422 usage errors, including no
-overlap; 500 for an unknown dataset label or a timeout).
+overlap; 500 for an unknown dataset label or a timeout). Every image the service
+holds can be cut: coadds and templates on their tract's grid, ``visit_image`` and
+``difference_image`` in their own pixel grid with their own header WCS.
 
 Cutouts run in a bounded pool of worker threads; a request waits for a free worker
 for at most ``sync_timeout`` seconds in all.
@@ -22,6 +24,7 @@ from functools import partial
 
 from aiohttp import web
 
+from ..epochs._refs import EpochRef
 from ._cutout import CUTOUT_DETAILS, CutoutTooLarge, NoOverlap, Stencil, make_cutout
 from ._geometry import make_circle, make_polygon, parse_numbers
 from ._http import Params, read_params, text_response
@@ -160,11 +163,15 @@ async def soda_sync(request: web.Request) -> web.StreamResponse:
         if i is None:
             raise _usage(f"Invalid cutout target {ident}")
         ref = state.table.index.refs[i]
+        # A coadd is cut on its tract's grid; a single-epoch image on its own.
+        tract_wcs = (
+            None if isinstance(ref, EpochRef) else state.repo.skymap.tract_wcs_numbers(ref.tract)
+        )
         job = partial(
             make_cutout,
-            state.repo.path_of(ref),
+            state.path_of(ref),
             ref,
-            state.repo.skymap.tract_wcs_numbers(ref.tract),
+            tract_wcs,
             state.table.skymap_name,
             stencil,
             detail,

@@ -9,6 +9,7 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from ._auth import QuotaTracker
 from ._bytesources import OpenFiles
 from ._connections import ConnectionGuard
 from ._faults import FaultInjector
+from ._ids import ServedRef
 from ._obscore import ObsCoreTable
 from ._results import ResultStore
 from ._settings import ServiceSettings
@@ -79,6 +81,10 @@ class ServiceState:
     files: OpenFiles = field(default_factory=OpenFiles)
     #: TAP (``settings.tap``): engine and jobs; ``tap.ready`` once it is up.
     tap: TapService | None = None
+
+    def path_of(self, ref: ServedRef) -> Path:
+        """The file of any image the service holds (coadd, template or epoch)."""
+        return self.repo.root / ref.path
 
     def base_url(self, request: web.Request) -> str:
         """The public URL prefix: configured, else bound, else the request's origin."""

@@ -159,6 +159,9 @@ def load_tables(conn: psycopg.Connection[Any], catalog: ObjectCatalog) -> dict[s
     )
     conn.execute("CREATE INDEX obscore_region ON ivoa.obscore USING gist (s_region)")
     conn.execute("CREATE INDEX obscore_did ON ivoa.obscore (obs_publisher_did)")
+    conn.execute("CREATE INDEX obscore_subtype ON ivoa.obscore (dataproduct_subtype)")
+    conn.execute("CREATE INDEX obscore_t_min ON ivoa.obscore (t_min)")
+    conn.execute("CREATE INDEX obscore_t_max ON ivoa.obscore (t_max)")
     conn.execute("ANALYZE dp1.object")
     return counts
 

@@ -35,6 +35,7 @@ __all__ = [
     "KEYS",
     "OBJECT",
     "OBSCORE",
+    "OBSCORE_INDEXED",
     "SCHEMAS",
     "TABLES",
     "TAP_SCHEMA_TABLES",
@@ -316,12 +317,18 @@ _OBSCORE_PRINCIPAL = {
     "s_region",
     "t_min",
     "t_max",
+    "t_exptime",
     "em_min",
     "em_max",
     "lsst_band",
     "lsst_tract",
     "lsst_patch",
+    "lsst_visit",
+    "lsst_detector",
 }
+#: ObsCore columns with a database index (the tutorials' time-domain queries filter
+#: on the region, the subtype and the times).
+OBSCORE_INDEXED = ("s_region", "obs_publisher_did", "dataproduct_subtype", "t_min", "t_max")
 
 
 def _obscore_columns() -> Iterator[Column]:
@@ -335,7 +342,7 @@ def _obscore_columns() -> Iterator[Column]:
             f.utype,
             f.arraysize,
             principal=f.name in _OBSCORE_PRINCIPAL,
-            indexed=f.name in ("s_region", "obs_publisher_did"),
+            indexed=f.name in OBSCORE_INDEXED,
             std=f.name not in _OBSCORE_EXTRA,
             sql_type="spoly" if f.name == "s_region" else None,
         )
