@@ -36,8 +36,9 @@ import numpy.typing as npt
 from ._pipeline import MAX_BATCH_BYTES, HarvestRun, RunContext
 from ._resume import Resumed
 from .cutout import CutoutBatch
+from .errors import ConfigError
 from .ledger import BatchRows, RowCollector
-from .plan import BatchSpec, make_plan
+from .plan import BatchSpec, Plan, make_plan
 from .sinks.stack import ids_width
 from .sources.base import BufferPool, Source
 from .targets import Targets
@@ -134,6 +135,8 @@ def make_shards(run: HarvestRun, shard_size: int, name: str = "") -> Iterator[Sh
     its keys never meet a finished run's.
     """
     plan = run.plan
+    if not isinstance(plan, Plan):
+        raise ConfigError("single-epoch images run in one process so far: use run.engine = 'local'")
     run_id = run.ledger.run_id or 0 if run.ledger is not None else 0
     width = ids_width(plan.targets.id)
     prior = run.resumed.prior_attempts

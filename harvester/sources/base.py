@@ -20,6 +20,7 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..cutout import CutoutBatch
+from ..epochs import EpochRef
 from ..masks import NO_DATA
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
@@ -33,7 +34,10 @@ _GATHER_BYTES = 256 * 1024
 class ImageHandle(Protocol):
     """A deferred handle on one image file: headers parsed, no pixels read yet."""
 
-    ref: DatasetRef
+    @property
+    def ref(self) -> DatasetRef | EpochRef:
+        """The image: a coadd's dataset, or a single-epoch image."""
+
     x0: int  # PARENT pixel of the image's first pixel
     y0: int
     width: int
