@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from ._epoch_outputs import check_epoch_outputs
 from ._epoch_plan import EpochPlan, make_epoch_plan
 from ._epoch_run import check_epoch_source, done_pairs
 from ._pipeline import MAX_BATCH_BYTES, BatchResult, HarvestRun, ProgressHook, RunContext
@@ -352,6 +353,7 @@ def _check_epoch_run(config: RunConfig, source: Source, recycle: bool) -> None:
     if config.output is None:
         raise ConfigError("a single-epoch run (run.images) needs an output folder (run.output)")
     check_epoch_source(config, source)
+    check_epoch_outputs(config)
 
 
 async def _open_dask(config: RunConfig, client: Any) -> Any:

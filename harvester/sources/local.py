@@ -66,6 +66,8 @@ class MemmapHandle:
             if plane == "image":
                 self.x0, self.y0 = origin(hdu.cards)
                 self.height, self.width = shape
+                #: The IMAGE header's cards (an epoch image's WCS is read from them).
+                self.image_cards = hdu.cards
         if "image" not in self._planes:
             raise RepositoryError(f"{path}: no IMAGE HDU")
 
