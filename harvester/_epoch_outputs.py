@@ -363,6 +363,11 @@ def finish_epochs(
         _record(ledger, records)
     if "fits" in config.formats:
         summary.outputs["fits"] = str(out / "fits") + "/"
+    if "grid" in config.formats:
+        summary.outputs["grid"] = (
+            "not drawn for single-epoch images (a target has many stamps: see its "
+            "fits/<id>.fits, or stack.h5's offsets)"
+        )
     return summary
 
 

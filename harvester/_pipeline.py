@@ -158,8 +158,9 @@ class HarvestRun:
                 plan = prepare_epochs(ctx.repo, config, resumed)
             else:
                 side = config.size.pixels(ctx.repo.skymap)
-                repo = ctx.repo.of_types(config.images)
-                plan = make_plan(resumed.todo, repo, config.bands, side, config.planes)
+                plan = make_plan(
+                    resumed.todo, ctx.repo, config.bands, side, config.planes, config.images
+                )
             if recycle:
                 # Batches in flight at most: one per worker, and a spare.
                 plan.buffers = BufferPool(keep=config.fetch.concurrency + 1)
@@ -567,4 +568,5 @@ def _concat(batches: Sequence[CutoutBatch | EpochBatch]) -> CutoutBatch | EpochB
         scale_deg=first.scale_deg,
         dataset_ids=cat("dataset_ids"),
         files=cat("files"),
+        types=first.types,
     )

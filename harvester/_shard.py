@@ -163,7 +163,7 @@ def _prepare(ctx: RunContext, spec: ShardSpec, buffers: BufferPool | None) -> Ha
     """A :class:`HarvestRun` of a shard's targets: no resume, rows collected."""
     config = ctx.config
     side = config.size.pixels(ctx.repo.skymap)
-    plan = make_plan(spec.targets, ctx.repo, config.bands, side, config.planes)
+    plan = make_plan(spec.targets, ctx.repo, config.bands, side, config.planes, config.images)
     plan.buffers = buffers or BufferPool(keep=config.fetch.concurrency + 1)
     resumed = Resumed(todo=spec.targets, prior_attempts=spec.prior_attempts)
     run = HarvestRun(ctx, spec.targets, plan, resumed)

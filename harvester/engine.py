@@ -149,6 +149,11 @@ class Harvester:
                 "single-epoch images run in one process so far: use run.engine = 'local' "
                 "(the Dask engine shards coadd runs)"
             )
+        if "template_coadd" in self.config.images and self.config.source != "local":
+            raise ConfigError(
+                f"run.images with template_coadd: the {self.config.source!r} source reads "
+                "deep_coadd only so far; use run.source = 'local'"
+            )
         self._repo, self._source = await open_repository_and_source(self.config, self.butler)
         try:
             if self.client is not None or self.config.engine == "dask":
@@ -226,8 +231,8 @@ class Harvester:
             raise ConfigError("a single-epoch run (run.images) is planned by epoch_plan()")
         t = self.load(targets)
         side = self.config.size.pixels(self.repo.skymap)
-        repo = self.repo.of_types(self.config.images)
-        return make_plan(t, repo, self.config.bands, side, self.config.planes)
+        config = self.config
+        return make_plan(t, self.repo, config.bands, side, config.planes, config.images)
 
     def epoch_plan(self, targets: TargetSource | Targets | None = None) -> EpochPlan:
         """The plan of a single-epoch run: every (target, image) pair the footprint

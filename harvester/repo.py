@@ -19,7 +19,6 @@ Dependency rule: depends on :mod:`harvester.skymap` and the records of
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Collection, Iterable, Iterator
@@ -109,25 +108,6 @@ class Repository:
 
     def ensure_all(self) -> None:
         """Make :meth:`get` know every image (a Butler repository asks for all once)."""
-
-    def of_types(self, images: Collection[str]) -> Repository:
-        """The repository a coadd plan of these image types reads: this one for
-        ``deep_coadd``, its ``template_coadd`` files (same patch grid, same keys)
-        for ``template_coadd``.
-
-        Raises
-        ------
-        RepositoryError
-            ``template_coadd`` from a repository that is not a local index.
-        """
-        if set(images) <= {"deep_coadd"}:
-            return self
-        if type(self) is not Repository:
-            raise RepositoryError(
-                f"template_coadd is read from a local repository's index so far, not from "
-                f"a {type(self).__name__}; use run.source = 'local'"
-            )
-        return dataclasses.replace(self, datasets=self.templates)
 
     def lookup_lines(self) -> list[str]:
         """How the images were found, for a plan's quote (none for an index)."""

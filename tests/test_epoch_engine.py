@@ -11,6 +11,7 @@ light curves (:func:`harvester.synth.agn_flux`).
 from __future__ import annotations
 
 import math
+import shutil
 import sqlite3
 from dataclasses import replace
 from functools import partial
@@ -26,11 +27,12 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 
+from harvester.cli import main
 from harvester.config import RunConfig, TimeWindow, load_config
 from harvester.engine import Harvester, run
 from harvester.epochs import EpochRef
 from harvester.masks import NO_DATA
-from harvester.repo import Repository
+from harvester.repo import Repository, write_index
 from harvester.report import Report
 from harvester.skymap import SkyMap
 from harvester.synth import AgnList, agn_flux, agn_reference_flux, build_epochs
@@ -556,3 +558,120 @@ def test_single_epoch_runs_refuse_what_they_cannot_do(
         run(config.replace(images=("visit_image",)), t)
     with pytest.raises(Exception, match="time"):
         run(replace(config, time=TimeWindow(60000.0, None)), t)
+
+
+# ---- template_coadd: the coadd path ----------------------------------------------------
+
+
+def test_template_coadds_go_through_the_coadd_path(
+    tmp_path: Path, tiny_repo: Repository, tiny_epochs: Repository, tiny_agn: AgnList
+) -> None:
+    """A coadd run of both types: per target and band a deep and a template cutout,
+    each equal to a numpy slice (astropy's WCS of the file) of a file of its type;
+    a template-only run names its HDUs as a deep-only one does, with DSTYPE."""
+    root = tmp_path / "both"
+    shutil.copytree(tiny_repo.root / "deep_coadd", root / "deep_coadd")
+    shutil.copytree(tiny_epochs.root / "template_coadd", root / "template_coadd")
+    write_index(root, tiny_repo.skymap, tiny_repo, 7, templates=tiny_epochs.templates.values())
+    t = {"id": np.array(tiny_agn.ids), "ra": np.array(tiny_agn.ra), "dec": np.array(tiny_agn.dec)}
+    side = 24
+    files = {
+        kind: [(r.band, root / r.path) for r in refs]
+        for kind, refs in (
+            ("deep_coadd", tiny_repo.datasets.values()),
+            ("template_coadd", tiny_epochs.templates.values()),
+        )
+    }
+
+    def expected(kind: str, band: str, ra: float, dec: float) -> npt.NDArray[Any] | None:
+        for b, path in files[kind]:
+            if b != band:
+                continue
+            with fits.open(path) as hdul:
+                data = hdul["IMAGE"].data
+                x, y = WCS(hdul["IMAGE"].header).all_world2pix(ra, dec, 0)
+                x0 = math.floor(float(x) + 0.5) - side // 2
+                y0 = math.floor(float(y) + 0.5) - side // 2
+                if (
+                    x0 >= 0
+                    and y0 >= 0
+                    and x0 + side <= data.shape[1]
+                    and y0 + side <= data.shape[0]
+                ):
+                    return np.array(data[y0 : y0 + side, x0 : x0 + side])
+        return None
+
+    out = tmp_path / "out"
+    config = load_config(
+        None, repo=root, images="deep_coadd,template_coadd", bands="g,z", size=str(side)
+    ).replace(output=out, formats=("fits", "stack"))
+    report = run(config, t)
+    assert report.counts["ok"] + report.counts.get("partial", 0) == 5
+    checked = 0
+    for i, ident in enumerate(tiny_agn.ids):
+        with fits.open(out / "fits" / f"{ident}.fits") as hdul:
+            names = [h.name for h in hdul[1:]]
+            assert names[::3] == ["IMAGE_g", "IMAGE_z", "IMAGE_template_g", "IMAGE_template_z"]
+            assert hdul[0].header["DSTYPES"] == "deep_coadd,template_coadd"
+            for name, kind, band in (
+                ("IMAGE_g", "deep_coadd", "g"),
+                ("IMAGE_template_z", "template_coadd", "z"),
+            ):
+                assert hdul[name].header["DSTYPE"] == kind
+                want = expected(kind, band, tiny_agn.ra[i], tiny_agn.dec[i])
+                if want is not None:
+                    np.testing.assert_array_equal(hdul[name].data, want)
+                    checked += 1
+            # Templates are the sharper, shallower images: not the deep ones.
+            assert not np.array_equal(hdul["IMAGE_g"].data, hdul["IMAGE_template_g"].data)
+    assert checked >= 4
+    with h5py.File(out / "stack.h5") as f:
+        assert f["image"].shape[1] == 4 and f.attrs["bands"] == "gzgz"
+        assert f.attrs["dataset_types"] == "deep_coadd,deep_coadd,template_coadd,template_coadd"
+    only = tmp_path / "only"
+    run(config.replace(images=("template_coadd",), bands=("z",), output=only), t)
+    with fits.open(only / "fits" / "agn0.fits") as hdul:
+        assert [h.name for h in hdul[1:]] == ["IMAGE", "MASK", "VARIANCE"]
+        assert hdul["IMAGE"].header["DSTYPE"] == "template_coadd"
+        want = expected("template_coadd", "z", tiny_agn.ra[0], tiny_agn.dec[0])
+        assert want is not None
+        np.testing.assert_array_equal(hdul["IMAGE"].data, want)
+
+
+def test_cli_flags_plan_and_run(
+    tmp_path: Path,
+    tiny_epochs: Repository,
+    tiny_agn: AgnList,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--images/--time/--align on `harvester plan` and `run`; bad values name the flag."""
+    csv = tmp_path / "t.csv"
+    csv.write_text(
+        "id,ra,dec\n"
+        + "".join(f"{i},{r},{d}\n" for i, r, d in zip(tiny_agn.ids, tiny_agn.ra, tiny_agn.dec))
+    )
+    refs = sorted(tiny_epochs.epochs, key=lambda r: r.mjd_tai)
+    start = Time(refs[0].t_begin, format="mjd", scale="tai").isot  # ISO, TAI
+    base = ["--repo", str(tiny_epochs.root), "--targets", str(csv), "--bands", "g,z"]
+    base += ["--size", "25", "--output", str(tmp_path / "out")]
+    flags = ["--images", "difference_image", "--time", f"{start}.."]
+    assert main(["plan", *base, *flags]) == 0
+    quote = capsys.readouterr().out
+    assert "image types        difference_image" in quote
+    assert "targets            5 (5 with an epoch)" in quote
+    stamps = int(quote.split("stamps             ")[1].split()[0])
+    assert main(["run", *base, *flags, "--formats", "fits", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"this run    {stamps} stamps harvested, 0 already done" in out
+    assert "grid" not in out and "stack " not in out
+    assert (tmp_path / "out" / "stack_parts").is_dir()  # the store, kept
+    assert not (tmp_path / "out" / "stack.h5").exists()
+    with fits.open(tmp_path / "out" / "fits" / "agn0.fits") as hdul:
+        assert set(hdul["EPOCHS"].data["dataset_type"]) == {"difference_image"}
+    assert main(["run", *base, *flags, "--formats", "fits", "--quiet"]) == 0
+    assert f"0 stamps harvested, {stamps} already done" in capsys.readouterr().out
+    assert main(["run", *base, "--images", "visit_image", "--time", "60700..60600"]) == 1
+    err = capsys.readouterr().err
+    assert "--time 60700..60600: wanted a time window" in err and "is not before end" in err
+    assert main(["run", *base, "--images", "visit_image", "--time", "2024-11-01T00:00Z.."]) == 1
+    assert "has a time zone; times are TAI" in capsys.readouterr().err

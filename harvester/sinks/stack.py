@@ -235,6 +235,9 @@ class StackSink:
                 offsets["table"] = _raw_dataset(f, "table", (capacity,), table)
                 f.attrs["bands"] = "".join(batch.bands)
                 f.attrs["scale_deg"] = batch.scale_deg
+                types = getattr(batch, "types", None)
+                if types is not None:  # a run of template coadds: each slot's type
+                    f.attrs["dataset_types"] = ",".join(types)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -381,6 +384,8 @@ class StackSink:
                 planes = theirs
                 width = max(width, f["table"].dtype["id"].itemsize)
                 attrs = {"bands": str(f.attrs["bands"]), "scale_deg": float(f.attrs["scale_deg"])}
+                if "dataset_types" in f.attrs:
+                    attrs["dataset_types"] = str(f.attrs["dataset_types"])
         return planes or [], width, attrs
 
     def finalize(self, ranges: list[Range]) -> Path | None:
@@ -435,6 +440,8 @@ class StackSink:
             fill = {"mask": 0, "table": None}.get(name, np.nan)
             g.create_virtual_dataset(name, layout, fillvalue=fill)
         g.attrs["bands"] = attrs["bands"]
+        if "dataset_types" in attrs:
+            g.attrs["dataset_types"] = attrs["dataset_types"]
         g.attrs["planes"] = ",".join(planes)
         g.attrs["scale_deg"] = float(attrs["scale_deg"])
         g.attrs["wcs_header"] = _WCS_TEMPLATE
