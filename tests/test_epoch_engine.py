@@ -646,10 +646,8 @@ def test_cli_flags_plan_and_run(
 ) -> None:
     """--images/--time/--align on `harvester plan` and `run`; bad values name the flag."""
     csv = tmp_path / "t.csv"
-    csv.write_text(
-        "id,ra,dec\n"
-        + "".join(f"{i},{r},{d}\n" for i, r, d in zip(tiny_agn.ids, tiny_agn.ra, tiny_agn.dec))
-    )
+    rows = zip(tiny_agn.ids, tiny_agn.ra, tiny_agn.dec, strict=True)
+    csv.write_text("id,ra,dec\n" + "".join(f"{i},{r},{d}\n" for i, r, d in rows))
     refs = sorted(tiny_epochs.epochs, key=lambda r: r.mjd_tai)
     start = Time(refs[0].t_begin, format="mjd", scale="tai").isot  # ISO, TAI
     base = ["--repo", str(tiny_epochs.root), "--targets", str(csv), "--bands", "g,z"]
