@@ -40,7 +40,7 @@ from .epochs import EpochRef, EpochSpec, FootprintIndex
 from .repo import Repository
 from .targets import Targets
 
-__all__ = ["EpochPlan", "EpochQuote", "make_epoch_plan"]
+__all__ = ["EpochPlan", "EpochQuote", "make_epoch_plan", "plan_of_pairs"]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -290,4 +290,46 @@ def make_epoch_plan(
         image=image[order],
         coverage=coverage[order],
         done=skipped,
+    )
+
+
+def plan_of_pairs(
+    targets: Targets,
+    repo: Repository,
+    config: RunConfig,
+    target: IntArray,
+    image_ids: tuple[str, ...],
+    image: IntArray,
+) -> EpochPlan:
+    """An epoch plan of given pairs (a shard of a distributed run): ``target``
+    positions in ``targets``, ``image`` positions in ``image_ids`` (dataset ids,
+    found among ``repo``'s epoch images).
+
+    Raises
+    ------
+    ValueError
+        A dataset id the repository does not list (the workers' repository is not
+        the driver's).
+    """
+    refs = tuple(repo.epochs)
+    rows = {r.id: k for k, r in enumerate(refs)}
+    missing = [i for i in image_ids if i not in rows]
+    if missing:
+        raise ValueError(f"{repo.root}: no epoch image {missing[0]} (not the driver's repository?)")
+    mapped = np.array([rows[i] for i in image_ids], dtype=np.int64)[image]
+    side = np.where(targets.size > 0, targets.size, config.size.pixels(repo.skymap))
+    side = side.astype(np.int64)
+    order = np.lexsort((target, side[target], mapped))
+    return EpochPlan(
+        targets=targets,
+        repo=repo,
+        refs=refs,
+        images=tuple(t for t in config.images if t not in COADD_TYPES),
+        bands=config.bands,
+        time=config.time,
+        planes=config.planes,
+        side=side,
+        target=target[order],
+        image=mapped[order],
+        coverage=np.ones(len(target), np.float32),
     )

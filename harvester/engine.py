@@ -144,11 +144,6 @@ class Harvester:
         self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
-        if self.config.single_epoch and (self.client is not None or self.config.engine == "dask"):
-            raise ConfigError(
-                "single-epoch images run in one process so far: use run.engine = 'local' "
-                "(the Dask engine shards coadd runs)"
-            )
         if "template_coadd" in self.config.images and self.config.source != "local":
             raise ConfigError(
                 f"run.images with template_coadd: the {self.config.source!r} source reads "
@@ -348,8 +343,7 @@ class Harvester:
 
 def _check_epoch_run(config: RunConfig, source: Source, recycle: bool) -> None:
     """What a single-epoch run needs: run() (its per-target outputs are made at the
-    end, from every epoch), an output folder, a source that reads epoch units (and
-    one process: checked on entry)."""
+    end, from every epoch), an output folder, a source that reads epoch units."""
     if not recycle:
         raise ConfigError(
             "harvest() streams coadd cutouts; a single-epoch run (run.images) makes its "

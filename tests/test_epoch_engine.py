@@ -544,8 +544,6 @@ def test_single_epoch_runs_refuse_what_they_cannot_do(
         anyio.run(stream)
     with pytest.raises(Exception, match="needs an output folder"):
         run(config.replace(output=None), t)
-    with pytest.raises(Exception, match="run in one process so far"):
-        run(config.replace(engine="dask"), t)
     with pytest.raises(Exception, match="aligned epoch output"):
         run(config.replace(align="tract"), t)
     with pytest.raises(Exception, match=r"run\.time.*coadds have no time"):
@@ -673,3 +671,25 @@ def test_cli_flags_plan_and_run(
     assert "--time 60700..60600: wanted a time window" in err and "is not before end" in err
     assert main(["run", *base, "--images", "visit_image", "--time", "2024-11-01T00:00Z.."]) == 1
     assert "has a time zone; times are TAI" in capsys.readouterr().err
+
+
+def test_dask_engine_runs_the_same_epochs(
+    harvested: tuple[Path, Columns, Report], tmp_path: Path, tiny_epochs: Repository
+) -> None:
+    """--engine dask (two in-process workers, shards of whole images): the same
+    ledger pairs, per-target files and stack rows as one process."""
+    pytest.importorskip("distributed", reason="dask[distributed] is not installed")
+    from harvester.config import DaskConfig
+
+    out, t, _ = harvested
+    dask = DaskConfig(processes=False, dashboard="", shard_size=150)
+    config = _config(tiny_epochs, tmp_path).replace(engine="dask", dask=dask)
+    report = run(config, t)
+    assert _pairs(tmp_path) == _pairs(out)
+    assert _fits_content(tmp_path) == _fits_content(out)
+    assert _stack_rows(tmp_path) == _stack_rows(out)
+    assert report.counts.get("pending", 0) == 0 and report.processed == len(_pairs(out))
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    parts = {p for (p,) in db.execute("SELECT stack_part FROM batches") if p}
+    db.close()
+    assert len({p.split("-")[2].split(".")[0] for p in parts}) > 1  # several shards wrote
