@@ -37,6 +37,7 @@ import numpy.typing as npt
 from ._config_images import COADD_TYPES
 from .config import RunConfig, TimeWindow
 from .epochs import EpochRef, EpochSpec, FootprintIndex
+from .errors import ConfigError
 from .repo import Repository
 from .targets import Targets
 
@@ -244,6 +245,11 @@ def make_epoch_plan(
     if not types:
         raise ValueError(f"run.images {config.images} has no single-epoch type")
     refs = tuple(repo.epochs)
+    if not refs:
+        raise ConfigError(
+            f"{repo.root}: the repository has no single-epoch images for run.images "
+            f"{list(types)} (build them with `harvester synth {repo.root} --epochs`)"
+        )
     if index is None:
         index = FootprintIndex.from_refs(refs)
     default_side = config.size.pixels(repo.skymap)
