@@ -74,7 +74,8 @@ def check_epoch_outputs(config: RunConfig) -> None:
     if config.align != "none":
         raise ConfigError(
             f"run.align = {config.align!r}: the aligned epoch output (warping onto the "
-            "tract grid) is not part of this build yet; use run.align = 'none'"
+            "tract grid) is not called from the run's per-target step yet; use "
+            "run.align = 'none'"
         )
 
 
