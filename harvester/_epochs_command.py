@@ -20,7 +20,39 @@ from .targets import load_targets
 if TYPE_CHECKING:
     from .synth import AgnList, SynthSpec
 
-__all__ = ["add_epochs_arguments", "epochs_lines", "prepare_epochs", "synth_epochs"]
+__all__ = [
+    "EPOCH_FLAGS",
+    "add_epoch_run_arguments",
+    "add_epochs_arguments",
+    "epochs_lines",
+    "prepare_epochs",
+    "synth_epochs",
+]
+
+#: The flags of ``harvester run`` and ``plan`` for image types and time: the
+#: override each sets (``--images`` first: ``--time`` and ``--align`` need it).
+EPOCH_FLAGS = {"--images": "images", "--time": "time", "--align": "align"}
+
+
+def add_epoch_run_arguments(cmd: argparse.ArgumentParser) -> None:
+    """``harvester run`` and ``plan``'s ``--images``, ``--time`` and ``--align``."""
+    cmd.add_argument(
+        "--images",
+        help="image types: deep_coadd (default), template_coadd, or single-epoch "
+        "visit_image,difference_image (every epoch of every target)",
+    )
+    cmd.add_argument(
+        "--time",
+        metavar="START..END",
+        help="single-epoch images exposed in [START, END): MJD (TAI) or ISO times in TAI, "
+        "either end open, e.g. 60600..60700 or 2024-11-01..",
+    )
+    cmd.add_argument(
+        "--align",
+        choices=("none", "tract"),
+        help="per-target epoch outputs: native pixels (none, default) or also on the "
+        "tract grid (tract)",
+    )
 
 
 class EpochsArgumentError(HarvesterError):

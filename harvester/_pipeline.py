@@ -30,10 +30,14 @@ import numpy as np
 import numpy.typing as npt
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._epoch_outputs import check_epoch_outputs, finish_epochs
+from ._epoch_plan import EpochPlan
+from ._epoch_run import EpochRunState, prepare_epochs, read_epochs, write_unit
 from ._os import release_free_memory
 from ._resume import Resumed, resume
 from .config import RunConfig
 from .cutout import COVERAGE_STATUSES, CutoutBatch
+from .epochs import EpochBatch, EpochSpec, concat_epoch_batches
 from .errors import OutageError
 from .ledger import BatchRecord, Recorder, Results
 from .limits import RateLimiter, RetryPolicy, isolate
@@ -46,6 +50,11 @@ from .targets import Targets
 if TYPE_CHECKING:
     from .sinks.fits import FitsSink
     from .sinks.stack import StackSink
+
+from .sinks.epoch_stack import EpochStackSink
+
+#: A unit of work: a batch of coadd cutouts, or one single-epoch image's stamps.
+Spec = BatchSpec | EpochSpec
 
 __all__ = [
     "MAX_BATCH_BYTES",
@@ -89,8 +98,8 @@ class BatchResult:
     holds ``(targets' plan indices, error, attempts)`` groups.
     """
 
-    spec: BatchSpec
-    batch: CutoutBatch | None
+    spec: Spec
+    batch: CutoutBatch | EpochBatch | None
     attempts: int
     started: float
     finished: float
@@ -105,12 +114,16 @@ class HarvestRun:
     :meth:`finish`, which returns the :class:`~harvester.report.Report`.
     """
 
-    def __init__(self, ctx: RunContext, targets: Targets, plan: Plan, resumed: Resumed) -> None:
+    def __init__(
+        self, ctx: RunContext, targets: Targets, plan: Plan | EpochPlan, resumed: Resumed
+    ) -> None:
         self.ctx = ctx
         self.config = ctx.config
         self.targets = targets
         self.plan = plan
         self.resumed = resumed
+        #: A single-epoch run's bookkeeping (its plan is an EpochPlan), or None.
+        self.epochs: EpochRunState | None = None
         self.ledger = resumed.ledger
         #: Where batches are recorded: the ledger, or a shard's collector.
         self.recorder: Recorder | None = resumed.ledger
@@ -139,13 +152,22 @@ class HarvestRun:
         config = ctx.config
         resumed = resume(config, targets)
         try:
-            side = config.size.pixels(ctx.repo.skymap)
-            plan = make_plan(resumed.todo, ctx.repo, config.bands, side, config.planes)
+            plan: Plan | EpochPlan
+            if config.single_epoch:
+                check_epoch_outputs(config)
+                plan = prepare_epochs(ctx.repo, config, resumed)
+            else:
+                side = config.size.pixels(ctx.repo.skymap)
+                plan = make_plan(
+                    resumed.todo, ctx.repo, config.bands, side, config.planes, config.images
+                )
             if recycle:
                 # Batches in flight at most: one per worker, and a spare.
                 plan.buffers = BufferPool(keep=config.fetch.concurrency + 1)
             release_free_memory()
             run = cls(ctx, targets, plan, resumed)
+            if isinstance(plan, EpochPlan):
+                run.epochs = EpochRunState.of(plan)
             if resumed.ledger is not None and config.output is not None:
                 run.open_sinks(config.output, resumed.ledger.run_id or 0)
         except BaseException:
@@ -172,6 +194,13 @@ class HarvestRun:
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
                 tmp.unlink(missing_ok=True)
         formats = set(self.config.formats)
+        if isinstance(self.plan, EpochPlan):
+            # The per-target files are made at the end, from the stack's shards.
+            assert self.epochs is not None
+            self.stack = self.epochs.open_stack(
+                self.ctx.repo, self.config, out, run_id, part_tag, id_width
+            )
+            return
         if "fits" in formats:
             from .sinks.fits import FitsSink
 
@@ -207,7 +236,7 @@ class HarvestRun:
         ``open_source`` opens one for this run and closes it at the end.
         """
         fetch = self.config.fetch
-        specs_send, specs_recv = anyio.create_memory_object_stream[BatchSpec](2 * fetch.concurrency)
+        specs_send, specs_recv = anyio.create_memory_object_stream[Spec](2 * fetch.concurrency)
         rate = RateLimiter(fetch.rate)
         self._done, self._total = 0, len(self.plan)
         if self.ctx.progress is not None:
@@ -227,7 +256,7 @@ class HarvestRun:
     async def _work(
         self,
         source: Source,
-        recv: MemoryObjectReceiveStream[BatchSpec],
+        recv: MemoryObjectReceiveStream[Spec],
         out: MemoryObjectSendStream[CutoutBatch],
     ) -> None:
         """Read a batch, write it (outputs, then ledger rows), hand it on; repeat.
@@ -250,22 +279,27 @@ class HarvestRun:
                     # Written, and nobody else sees it (Harvester.run): reuse its arrays.
                     self.plan.buffers.give(batch.image, batch.variance, batch.mask)
                 else:
+                    assert isinstance(batch, CutoutBatch)  # epoch runs recycle (run())
                     await out.send(batch)
 
-    async def _produce(self, send: MemoryObjectSendStream[BatchSpec], rate: RateLimiter) -> None:
+    async def _produce(self, send: MemoryObjectSendStream[Spec], rate: RateLimiter) -> None:
         async with send:
             for spec in self.plan.batches(self.config.fetch.batch_size, MAX_BATCH_BYTES):
                 if self.stopped is None:  # after an outage nothing is read: no rate
                     await rate.acquire()
                 await send.send(spec)
 
-    async def _read(self, source: Source, spec: BatchSpec) -> BatchResult:
+    async def _read(self, source: Source, spec: Spec) -> BatchResult:
         """Read a batch under the run's retry and isolation policy."""
         started = time.time()
         if self.stopped is not None:
             return BatchResult(spec, None, 0, started, started, [(spec.index, self.stopped, 0)])
 
-        async def read(part: BatchSpec) -> CutoutBatch:
+        async def read(part: Spec) -> CutoutBatch | EpochBatch:
+            if isinstance(part, EpochSpec):
+                assert isinstance(self.plan, EpochPlan)
+                return await read_epochs(source, self.plan, part)
+            assert isinstance(self.plan, Plan)
             return await source.read(self.plan, part)
 
         try:
@@ -281,9 +315,13 @@ class HarvestRun:
             result.good_attempts = _repeat(done.result_attempts, sizes)
         return result
 
-    def _write(self, result: BatchResult) -> CutoutBatch | None:
+    def _write(self, result: BatchResult) -> CutoutBatch | EpochBatch | None:
         """Write a batch's outputs, then its ledger rows (runs in a worker thread)."""
+        if isinstance(result.spec, EpochSpec):
+            return self._write_epochs(result, result.spec)
         batch = result.batch
+        assert batch is None or isinstance(batch, CutoutBatch)
+        assert isinstance(self.plan, Plan) and isinstance(result.spec, BatchSpec)
         t = self.plan.targets
         part: str | None = None
         part_first = part_rows = 0
@@ -369,7 +407,17 @@ class HarvestRun:
             self.counts.update(tally)
         return batch
 
-    def fail(self, spec: BatchSpec, error: str, attempts: int) -> None:
+    def _write_epochs(self, result: BatchResult, spec: EpochSpec) -> EpochBatch | None:
+        """Write a unit's stamps, then its ledger rows (see :func:`write_unit`)."""
+        assert self.epochs is not None
+        done = write_unit(self.epochs, self.recorder, self.stack, self.positions, spec, result)
+        with self._count_lock:
+            self.failures += done.failures
+            self.processed += done.pairs
+        assert result.batch is None or isinstance(result.batch, EpochBatch)
+        return result.batch
+
+    def fail(self, spec: Spec, error: str, attempts: int) -> None:
         """Record a batch's targets as ``failed`` with ``error``, unread (blocking)."""
         now = time.time()
         self._write(BatchResult(spec, None, attempts, now, now, [(spec.index, error, attempts)]))
@@ -397,9 +445,23 @@ class HarvestRun:
         outputs: dict[str, str] = {}
         out = self.config.output
         ledger = self.ledger
+        epochs = None
         try:
             if ledger is not None and out is not None:
                 outputs["ledger"] = str(out / "ledger.sqlite")
+                if self.epochs is not None:
+                    epochs = finish_epochs(
+                        ledger,
+                        self.stack if isinstance(self.stack, EpochStackSink) else None,
+                        self.config,
+                        self.ctx.repo,
+                        self.plan.targets,
+                        self.epochs.pending(),
+                        ledger.run_id or 0,
+                    )
+                    outputs.update(epochs.outputs)
+                    self.counts = epochs.targets + Counter(invalid=len(self.targets.bad))
+                    self.stack = None
                 if self.fits is not None:
                     self.fits.close()
                     outputs["fits"] = str(out / "fits") + "/"
@@ -409,6 +471,8 @@ class HarvestRun:
             counts.setdefault("invalid", 0)
             if ledger is not None:
                 summary: dict[str, Any] = {"counts": counts, "seconds": time.perf_counter() - t0}
+                if epochs is not None:
+                    summary["stamps"] = dict(epochs.stamps)
                 if self.stopped is not None:
                     summary["stopped"] = self.stopped
                 ledger.end_run(summary)
@@ -418,13 +482,15 @@ class HarvestRun:
             targets=len(self.targets) + len(self.targets.bad),
             counts=counts,
             processed=self.processed,
-            skipped=self.resumed.skipped,
+            skipped=self.plan.done if isinstance(self.plan, EpochPlan) else self.resumed.skipped,
             seconds=time.perf_counter() - t0,
             images_opened=opens,
             output=out,
             outputs=outputs,
             failures=self.failures,
             stopped=self.stopped,
+            epochs=None if epochs is None else dict(epochs.stamps),
+            unit="targets" if epochs is None else "stamps",
         )
 
     def _finish_stack(self, out: Path) -> dict[str, str]:
@@ -448,8 +514,10 @@ class HarvestRun:
         return outputs
 
 
-def _halves(spec: BatchSpec) -> Sequence[BatchSpec]:
+def _halves(spec: Spec) -> Sequence[Spec]:
     """A batch's two halves, or nothing for a single target."""
+    if isinstance(spec, EpochSpec):
+        return spec.halves()
     n = len(spec)
     if n < 2:
         return ()
@@ -469,10 +537,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _concat(batches: list[CutoutBatch]) -> CutoutBatch:
+def _concat(batches: Sequence[CutoutBatch | EpochBatch]) -> CutoutBatch | EpochBatch:
     if len(batches) == 1:
         return batches[0]
     first = batches[0]
+    if isinstance(first, EpochBatch):
+        return concat_epoch_batches([b for b in batches if isinstance(b, EpochBatch)])
+    assert isinstance(first, CutoutBatch)
 
     def cat(name: str) -> Any:
         values = [getattr(b, name) for b in batches]
@@ -497,4 +568,5 @@ def _concat(batches: list[CutoutBatch]) -> CutoutBatch:
         scale_deg=first.scale_deg,
         dataset_ids=cat("dataset_ids"),
         files=cat("files"),
+        types=first.types,
     )

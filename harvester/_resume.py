@@ -77,10 +77,11 @@ def resume(config: RunConfig, targets: Targets) -> Resumed:
         previous = ledger.settings()
         now = config.output_settings()
         if previous is not None and previous != now:
-            key = next(k for k in now if previous.get(k) != now[k])
+            # A key either run may lack (the image-type keys are left out by default).
+            key = next(k for k in {**previous, **now} if previous.get(k) != now.get(k))
             raise ConfigError(
                 f"{out} holds a run with {key} = {previous.get(key)!r}, this run "
-                f"has {now[key]!r}; use another output folder or --fresh"
+                f"has {now.get(key)!r}; use another output folder or --fresh"
             )
         ledger.begin_run(now)
         if targets.bad:

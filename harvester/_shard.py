@@ -33,11 +33,14 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 
+from ._epoch_plan import EpochPlan, plan_of_pairs
+from ._epoch_run import EpochRunState
 from ._pipeline import MAX_BATCH_BYTES, HarvestRun, RunContext
 from ._resume import Resumed
 from .cutout import CutoutBatch
+from .epochs import EpochSpec
 from .ledger import BatchRows, RowCollector
-from .plan import BatchSpec, make_plan
+from .plan import BatchSpec, Plan, make_plan
 from .sinks.stack import ids_width
 from .sources.base import BufferPool, Source
 from .targets import Targets
@@ -67,9 +70,13 @@ class ShardSpec:
     positions: npt.NDArray[np.int64]
     prior_attempts: dict[str, int] = field(default_factory=dict)
     id_width: tuple[bool, int] = (True, 1)
+    #: A single-epoch run's shard: its (target, image) pairs, as positions in
+    #: ``targets`` and in ``image_ids`` (dataset ids), which the worker plans as given.
+    pairs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+    image_ids: tuple[str, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.targets) if self.pairs is None else len(self.pairs[0])
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class ShardWork:
     record its targets as failed without it, should it never come back)."""
 
     spec: ShardSpec
-    batches: tuple[BatchSpec, ...]
+    batches: tuple[BatchSpec | EpochSpec, ...]
 
 
 @dataclass
@@ -99,6 +106,8 @@ class ShardResult:
     opens: int
     seconds: float
     worker: str = ""
+    #: A single-epoch shard's pairs recorded per target: (driver plan positions, counts).
+    recorded: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
 
 
 def shard_batches(batches: Iterable[BatchSpec], shard_size: int) -> Iterator[list[BatchSpec]]:
@@ -134,6 +143,9 @@ def make_shards(run: HarvestRun, shard_size: int, name: str = "") -> Iterator[Sh
     its keys never meet a finished run's.
     """
     plan = run.plan
+    if isinstance(plan, EpochPlan):
+        yield from _epoch_shards(run, plan, shard_size, name)
+        return
     run_id = run.ledger.run_id or 0 if run.ledger is not None else 0
     width = ids_width(plan.targets.id)
     prior = run.resumed.prior_attempts
@@ -156,14 +168,68 @@ def make_shards(run: HarvestRun, shard_size: int, name: str = "") -> Iterator[Sh
         yield ShardWork(spec, tuple(group))
 
 
+def shard_units(units: Iterable[EpochSpec], shard_size: int) -> Iterator[list[EpochSpec]]:
+    """Consecutive units in shards of whole images of about ``shard_size`` pairs (an
+    image with more pairs than that on its own is cut at unit boundaries)."""
+    shard: list[EpochSpec] = []
+    n = 0
+    for _, grouped in itertools.groupby(units, key=lambda u: u.image):
+        group = list(grouped)
+        size = sum(len(u) for u in group)
+        if shard and n + size > shard_size:
+            yield shard
+            shard, n = [], 0
+        for u in group:
+            if shard and n + len(u) > shard_size:
+                yield shard
+                shard, n = [], 0
+            shard.append(u)
+            n += len(u)
+    if shard:
+        yield shard
+
+
+def _epoch_shards(
+    run: HarvestRun, plan: EpochPlan, shard_size: int, name: str
+) -> Iterator[ShardWork]:
+    """A single-epoch run's shards: whole images, each shard sent its pairs."""
+    run_id = run.ledger.run_id or 0 if run.ledger is not None else 0
+    width = ids_width(plan.targets.id)
+    units = plan.batches(run.config.fetch.batch_size, MAX_BATCH_BYTES)
+    for number, group in enumerate(shard_units(units, shard_size)):
+        pos = np.concatenate([u.index for u in group])
+        per_pair = np.concatenate([np.full(len(u), u.image, dtype=np.int64) for u in group])
+        images, img = np.unique(per_pair, return_inverse=True)
+        uniq, local = np.unique(pos, return_inverse=True)
+        positions = uniq if run.positions is None else run.positions[uniq]
+        spec = ShardSpec(
+            key=f"shard-{run_id}-{number}{name}",
+            number=number,
+            run_id=run_id,
+            targets=plan.targets.take(uniq),
+            positions=positions,
+            id_width=width,
+            pairs=(local.reshape(-1).astype(np.int64), img.reshape(-1).astype(np.int64)),
+            image_ids=tuple(plan.refs[int(i)].id for i in images),
+        )
+        yield ShardWork(spec, tuple(group))
+
+
 def _prepare(ctx: RunContext, spec: ShardSpec, buffers: BufferPool | None) -> HarvestRun:
     """A :class:`HarvestRun` of a shard's targets: no resume, rows collected."""
     config = ctx.config
-    side = config.size.pixels(ctx.repo.skymap)
-    plan = make_plan(spec.targets, ctx.repo, config.bands, side, config.planes)
+    plan: Plan | EpochPlan
+    if spec.pairs is not None:
+        target, image = spec.pairs
+        plan = plan_of_pairs(spec.targets, ctx.repo, config, target, spec.image_ids, image)
+    else:
+        side = config.size.pixels(ctx.repo.skymap)
+        plan = make_plan(spec.targets, ctx.repo, config.bands, side, config.planes, config.images)
     plan.buffers = buffers or BufferPool(keep=config.fetch.concurrency + 1)
     resumed = Resumed(todo=spec.targets, prior_attempts=spec.prior_attempts)
     run = HarvestRun(ctx, spec.targets, plan, resumed)
+    if isinstance(plan, EpochPlan):
+        run.epochs = EpochRunState.of(plan)
     run.recorder = RowCollector(spec.run_id)
     run.positions = spec.positions
     if config.output is not None:
@@ -214,6 +280,7 @@ async def run_shard(
         stopped=run.stopped,
         opens=source.opens - opens,
         seconds=time.perf_counter() - t0,
+        recorded=None if run.epochs is None else (spec.positions, run.epochs.recorded),
     )
 
 
@@ -226,6 +293,9 @@ def absorb(run: HarvestRun, result: ShardResult) -> None:
         raise RuntimeError("a distributed run needs an output folder (its ledger)")
     for rows in result.batches:
         run.ledger.replay(rows)
+    if result.recorded is not None and run.epochs is not None:
+        # Positions in the list are the plan's: an epoch run plans the whole list.
+        np.add.at(run.epochs.recorded, *result.recorded)
     run.processed += result.processed
     run.counts.update(result.counts)
     run.failures += result.failures

@@ -15,7 +15,14 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ._epochs_command import add_epochs_arguments, epochs_lines, prepare_epochs, synth_epochs
+from ._epochs_command import (
+    EPOCH_FLAGS,
+    add_epoch_run_arguments,
+    add_epochs_arguments,
+    epochs_lines,
+    prepare_epochs,
+    synth_epochs,
+)
 from ._os import pin_mmap_threshold
 from ._serve_command import add_serve_command
 from ._tap_targets import tap_messages
@@ -192,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="take the first tap.maxrec rows of a query that has more (OVERFLOW)",
         )
+        add_epoch_run_arguments(cmd)
         if name == "run":
             cmd.add_argument(
                 "--engine",
@@ -250,6 +258,7 @@ FLAGS = {
     "--scheduler": "scheduler",
     "--workers": "workers",
     "--shard-size": "shard_size",
+    **EPOCH_FLAGS,
 }
 
 
@@ -281,7 +290,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     async def quote() -> list[str]:
         async with Harvester(config) as h:
-            plan = h.plan()
+            plan = h.epoch_plan() if config.single_epoch else h.plan()
             lines = plan.quote(ledger).lines()
             bad = plan.targets.bad
             if bad:
@@ -304,7 +313,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _harvest(config: RunConfig, quiet: bool = False) -> Report:
-    progress = RunProgress()
+    progress = RunProgress(label="stamps" if config.single_epoch else "targets")
     report = run(config, progress=None if quiet else progress)
     progress.close()
     print("\n".join(report.lines()))

@@ -109,6 +109,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from ._config_images import COADD_TYPES, IMAGE_KEYS, TimeWindow
 from ._config_keys import (
     _COLUMN_KEYS,
     BadValue,
@@ -141,6 +142,7 @@ __all__ = [
     "RunConfig",
     "ServiceConfig",
     "TapConfig",
+    "TimeWindow",
     "apply_override",
     "load_config",
 ]
@@ -329,6 +331,18 @@ class RunConfig:
         One process (asyncio), or shards on a Dask cluster (``dask``).
     dask : DaskConfig
         The Dask engine's cluster and shards.
+    images : tuple of str
+        Image types to cut: coadds on the patch grid (``deep_coadd``,
+        ``template_coadd``: one cutout per target and band, both types in one run
+        if asked) or single-epoch images (``visit_image``, ``difference_image``:
+        every epoch of every target; per-target epoch files). A run holds coadd
+        types or single-epoch types, not both (their outputs differ in shape).
+    time : TimeWindow or None
+        Single-epoch images whose exposure overlaps ``[start, end)`` (MJD TAI);
+        None: any time.
+    align : "none" or "tract"
+        Per-target epoch outputs: native pixels only (``none``), or also warped
+        onto the target's tract grid (``tract``).
     """
 
     KEYS: ClassVar[Mapping[str, _Key]] = {
@@ -369,6 +383,7 @@ class RunConfig:
         "tap": _instance(TapConfig),
         "engine": _choice(*ENGINES),
         "dask": _instance(DaskConfig),
+        **IMAGE_KEYS,
     }
 
     repo: Path = Path("data/ecdfs")
@@ -390,10 +405,21 @@ class RunConfig:
     tap: TapConfig = TapConfig()
     engine: Literal["local", "dask"] = "local"
     dask: DaskConfig = DaskConfig()
+    images: tuple[str, ...] = ("deep_coadd",)
+    time: TimeWindow | None = None
+    align: Literal["none", "tract"] = "none"
 
     def __post_init__(self) -> None:
         _validate("run", self.KEYS, self)
         _validate("targets", _COLUMN_KEYS, self.columns)
+        if not self.single_epoch:
+            wanted = "single-epoch images in run.images (visit_image, difference_image)"
+            if self.time is not None:
+                raise BadValue(
+                    "run.time", str(self.time), f"wanted with {wanted}: coadds have no time"
+                )
+            if self.align != "none":
+                raise BadValue("run.align", self.align, f"wanted with {wanted}")
         if self.grid.rgb is not None and not set(self.grid.rgb) <= set(self.bands):
             raise BadValue("grid.rgb", self.grid.rgb, f"wanted bands of run.bands {self.bands}")
         if self.grid.band is not None and self.grid.band not in self.bands:
@@ -401,6 +427,11 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def single_epoch(self) -> bool:
+        """The run cuts single-epoch images (``visit_image``, ``difference_image``)."""
+        return not set(self.images) <= set(COADD_TYPES)
 
     def source_name(self) -> str:
         """Where the images come from, as the ledger records it."""
@@ -413,12 +444,20 @@ class RunConfig:
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that shape outputs; resume needs them unchanged."""
-        return {
+        settings: dict[str, Any] = {
             "bands": list(self.bands),
             "size": str(self.size),
             "planes": list(self.planes),
             "repo": self.source_name(),
         }
+        # Only when not the default, so a coadd folder of an earlier release resumes.
+        if self.images != ("deep_coadd",):
+            settings["images"] = list(self.images)
+        if self.time is not None:
+            settings["time"] = str(self.time)
+        if self.align != "none":
+            settings["align"] = self.align
+        return settings
 
 
 _NESTED: dict[str, Any] = {

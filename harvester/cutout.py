@@ -56,6 +56,9 @@ class CutoutBatch:
         Tract WCS constants (identical for every tract of a sky map).
     dataset_ids, files : str (n, B)
         Source dataset id and file of each target's home image per band ("" if none).
+    types : tuple of str (B,) or None
+        Each band slot's dataset type when a run cuts template coadds (a band may
+        then come twice: ``deep_coadd`` and ``template_coadd``); None: all deep.
     """
 
     index: npt.NDArray[np.int64]
@@ -76,6 +79,7 @@ class CutoutBatch:
     scale_deg: float
     dataset_ids: npt.NDArray[np.str_]
     files: npt.NDArray[np.str_]
+    types: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])

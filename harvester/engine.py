@@ -33,6 +33,9 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from ._epoch_outputs import check_epoch_outputs
+from ._epoch_plan import EpochPlan, make_epoch_plan
+from ._epoch_run import check_epoch_source, done_pairs
 from ._pipeline import MAX_BATCH_BYTES, BatchResult, HarvestRun, ProgressHook, RunContext
 from ._tap_targets import load_query_targets, query_text
 from .config import RunConfig
@@ -141,6 +144,11 @@ class Harvester:
         self._open: list[Any] = []
 
     async def __aenter__(self) -> Harvester:
+        if "template_coadd" in self.config.images and self.config.source != "local":
+            raise ConfigError(
+                f"run.images with template_coadd: the {self.config.source!r} source reads "
+                "deep_coadd only so far; use run.source = 'local'"
+            )
         self._repo, self._source = await open_repository_and_source(self.config, self.butler)
         try:
             if self.client is not None or self.config.engine == "dask":
@@ -208,10 +216,30 @@ class Harvester:
         """The plan for a target list: boxes, images, and :meth:`Plan.quote`.
 
         This blocks while it loads and plans; from async code use :meth:`aplan`.
+
+        Raises
+        ------
+        ConfigError
+            For a single-epoch run (``run.images``): use :meth:`epoch_plan`.
         """
+        if self.config.single_epoch:
+            raise ConfigError("a single-epoch run (run.images) is planned by epoch_plan()")
         t = self.load(targets)
         side = self.config.size.pixels(self.repo.skymap)
-        return make_plan(t, self.repo, self.config.bands, side, self.config.planes)
+        config = self.config
+        return make_plan(t, self.repo, config.bands, side, config.planes, config.images)
+
+    def epoch_plan(self, targets: TargetSource | Targets | None = None) -> EpochPlan:
+        """The plan of a single-epoch run: every (target, image) pair the footprint
+        index finds for ``run.images``, ``run.bands`` and ``run.time``, grouped into
+        units per image, and :meth:`EpochPlan.quote`. Without the pairs the output
+        folder's ledger has done (blocking; the ledger is only read)."""
+        t = self.load(targets)
+        done: list[tuple[str, str]] = []
+        ledger = None if self.config.output is None else self.config.output / "ledger.sqlite"
+        if ledger is not None and ledger.is_file():
+            done = done_pairs(ledger)
+        return make_epoch_plan(t, self.repo, self.config, done)
 
     async def aplan(self, targets: TargetSource | Targets | None = None) -> Plan:
         """:meth:`plan` in a worker thread: ``quote = (await h.aplan(t)).quote()``."""
@@ -277,6 +305,8 @@ class Harvester:
                 "workers write them: use run() and read the outputs"
             )
         source = self._source
+        if self.config.single_epoch:
+            _check_epoch_run(self.config, source, recycle)
         t0 = time.perf_counter()
         loaded = await self.aload(targets)
         run = await anyio.to_thread.run_sync(HarvestRun.prepare, self.context, loaded, recycle)
@@ -309,6 +339,20 @@ class Harvester:
                 await done.wait()
                 opened = opens[0] if opens else source.opens
                 stats.report = await anyio.to_thread.run_sync(run.finish, t0, opened)
+
+
+def _check_epoch_run(config: RunConfig, source: Source, recycle: bool) -> None:
+    """What a single-epoch run needs: run() (its per-target outputs are made at the
+    end, from every epoch), an output folder, a source that reads epoch units."""
+    if not recycle:
+        raise ConfigError(
+            "harvest() streams coadd cutouts; a single-epoch run (run.images) makes its "
+            "per-target outputs from every epoch at the end: use run() and read the outputs"
+        )
+    if config.output is None:
+        raise ConfigError("a single-epoch run (run.images) needs an output folder (run.output)")
+    check_epoch_source(config, source)
+    check_epoch_outputs(config)
 
 
 async def _open_dask(config: RunConfig, client: Any) -> Any:

@@ -34,6 +34,14 @@ Layout, and why
   over the edge those of the neighbours it was completed from.
 * ``runs`` -- each run's settings and summary; ``meta`` -- the output settings
   the folder was started with, and the schema version.
+* Single-epoch runs (``run.images`` of ``visit_image``, ``difference_image``):
+  ``epochs`` -- append-only, one row per (target, epoch image) per run that did
+  it (:class:`EpochResults`: the image's type, visit, detector, band, TAI
+  mid-exposure MJD and dataset id, the stamp's origin, coverage, status, its
+  row in its unit's stack rows); ``target_epochs`` (a view) shows the newest
+  row of each pair with its batch's times and stack place; ``epoch_outputs``
+  -- per target, the per-target files made from its epochs, and the digest of
+  the epochs they hold (resume rebuilds a target's files when it changes).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import time
 from collections.abc import Container, Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .errors import ConfigError
 
@@ -56,6 +64,7 @@ __all__ = [
     "RESULT_COLUMNS",
     "BatchRecord",
     "BatchRows",
+    "EpochResults",
     "Ledger",
     "LedgerRow",
     "Recorder",
@@ -118,6 +127,45 @@ SELECT r.id AS id, r.idx AS idx, r.row AS row, b.tract AS tract, b.patch AS patc
        r.stack_row + b.stack_offset AS stack_row, b.run AS run
 FROM results AS r JOIN batches AS b ON b.batch = r.batch
 WHERE r.rowid IN (SELECT max(rowid) FROM results GROUP BY id);
+CREATE TABLE IF NOT EXISTS epochs (
+    id TEXT NOT NULL,
+    idx INTEGER,
+    dataset_type TEXT NOT NULL,
+    visit INTEGER NOT NULL,
+    detector INTEGER NOT NULL,
+    band TEXT NOT NULL,
+    mjd_tai REAL NOT NULL,
+    dataset_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    coverage REAL,
+    x0 INTEGER,
+    y0 INTEGER,
+    stack_row INTEGER,
+    batch INTEGER NOT NULL,
+    error TEXT,
+    attempts INTEGER
+);
+CREATE VIEW IF NOT EXISTS target_epochs AS
+SELECT e.id AS id, e.idx AS idx, e.dataset_type AS dataset_type, e.visit AS visit,
+       e.detector AS detector, e.band AS band, e.mjd_tai AS mjd_tai,
+       e.dataset_id AS dataset_id, e.status AS status, e.error AS error,
+       coalesce(e.attempts, b.attempts) AS attempts, e.coverage AS coverage,
+       e.x0 AS x0, e.y0 AS y0, b.side AS side, b.started AS started,
+       b.finished AS finished,
+       CASE WHEN e.stack_row IS NULL THEN NULL ELSE b.stack_part END AS stack_part,
+       e.stack_row + b.stack_offset AS stack_row, b.run AS run
+FROM epochs AS e JOIN batches AS b ON b.batch = e.batch
+WHERE e.rowid IN (SELECT max(rowid) FROM epochs GROUP BY id, dataset_id);
+CREATE TABLE IF NOT EXISTS epoch_outputs (
+    id TEXT PRIMARY KEY,
+    idx INTEGER,
+    epochs INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    output TEXT,
+    digest TEXT NOT NULL,
+    run INTEGER,
+    built REAL
+);
 """
 
 #: Columns of a ``results`` row; a record may give any subset (the rest are NULL).
@@ -185,12 +233,35 @@ class Results:
     attempts: Column = None
     row: Column = None
 
+    #: The table the rows go into.
+    TABLE: ClassVar[str] = "results"
+
     def columns(self, batch: int) -> dict[str, Any]:
         """The given columns by name, the batch number added."""
         named = {f.name: getattr(self, f.name) for f in fields(self)}
         named = {k: v for k, v in named.items() if v is not None}
         named["batch"] = batch
         return named
+
+
+@dataclass(frozen=True)
+class EpochResults(Results):
+    """The records of ``len(id)`` (target, epoch) pairs of one unit, for the
+    ``epochs`` table: the :class:`Results` columns (``output`` and ``row`` unused)
+    and the epoch's ``dataset_type``, ``visit``, ``detector``, ``band``, ``mjd_tai``
+    (mid-exposure, MJD TAI), ``dataset_id`` and each stamp's origin ``x0``, ``y0``
+    in the image's pixels."""
+
+    TABLE: ClassVar[str] = "epochs"
+
+    dataset_type: Column = None
+    visit: Column = None
+    detector: Column = None
+    band: Column = None
+    mjd_tai: Column = None
+    dataset_id: Column = None
+    x0: Column = None
+    y0: Column = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +393,7 @@ class Ledger:
         """Record the run's summary, and index ``results`` by id if not yet done."""
         with self._lock:
             self._db.execute("CREATE INDEX IF NOT EXISTS results_id ON results (id)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS epochs_pair ON epochs (id, dataset_id)")
             self._db.execute(
                 "UPDATE runs SET finished = ?, summary = ? WHERE run = ?",
                 (time.time(), json.dumps(summary), self.run_id),
@@ -401,7 +473,7 @@ class Ledger:
                 picks = [f"json_extract(value, '$[{i}]')" for i in range(len(listed))]
             picks += [f"key + {int(counted[k].start)}" for k in counted]
             sql = (
-                f"INSERT INTO results ({','.join(listed + list(counted) + fixed)}) "
+                f"INSERT INTO {group.TABLE} ({','.join(listed + list(counted) + fixed)}) "
                 f"SELECT {','.join(picks + ['?'] * len(fixed))} FROM json_each(?)"
             )
             statements.append((sql, [columns[k] for k in fixed] + [doc]))
@@ -428,6 +500,22 @@ class Ledger:
         batch number of this ledger and this run; one transaction, as :meth:`record`."""
         batch = replace(rows.batch, batch=self.new_batch(), run=self.run_id)
         self.record(batch, *rows.groups, images=rows.images)
+
+    def select(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of a read-only query (a ``SELECT``), for the epoch bookkeeping."""
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def write(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """``sql`` once per row, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def counts(self) -> dict[str, int]:
         """Targets per status in the ledger (newest record of each id)."""

@@ -113,6 +113,8 @@ class Quote:
     no_rate: str = ""
     #: How the images were found (a Butler's queries), one line each.
     lookup: tuple[str, ...] = ()
+    #: The coadd types the images are of.
+    types: tuple[str, ...] = ("deep_coadd",)
 
     def lines(self) -> list[str]:
         if self.estimated_seconds is None:
@@ -122,8 +124,8 @@ class Quote:
             estimate = f"{self.estimated_seconds:.1f} s ({basis})"
         return [
             f"targets            {self.targets}",
-            f"bands              {''.join(self.bands)}",
-            f"images to open     {self.images} (deep_coadd files)",
+            f"bands              {''.join(dict.fromkeys(self.bands))}",
+            f"images to open     {self.images} ({', '.join(self.types)} files)",
             f"images missing     {self.images_missing} (needed but not in the repository)",
             f"cutouts            {self.cutouts} (targets x the bands each asks for)",
             f"bytes to read      {_human(self.bytes_to_read)}",
@@ -148,8 +150,8 @@ def _probe_image(plan: Plan) -> tuple[DatasetRef, IntArray] | None:
     simple = np.flatnonzero(~plan.crossing)
     for i in simple[: 16 * PROBE_BOXES].tolist():
         tract, patch = int(plan.tract[i]), int(plan.patch[i])
-        for band in plan.bands:
-            ref = plan.repo.get(tract, patch, band)
+        for b in range(len(plan.bands)):
+            ref = plan.image(tract, patch, b)
             if ref is not None and plan.repo.path_of(ref).is_file():
                 mine = (plan.tract[simple] == tract) & (plan.patch[simple] == patch)
                 return ref, simple[mine][:PROBE_BOXES]
@@ -184,6 +186,15 @@ class Plan:
     wanted: npt.NDArray[np.bool_] | None = None  # (n, B): the target's own bands, if any
     #: Where batch arrays come from (``sources.base.BufferPool``); None: fresh arrays.
     buffers: Any = None
+    #: Per band slot, its dataset type, when ``run.images`` has both coadd types (each
+    #: band once per type, deep first); None: every slot a ``deep_coadd``.
+    types: tuple[str, ...] | None = None
+
+    def image(self, tract: int, patch: int, b: int) -> DatasetRef | None:
+        """Band slot ``b``'s image of a (tract, patch): a deep coadd or a template."""
+        if self.types is None or self.types[b] == "deep_coadd":
+            return self.repo.get(tract, patch, self.bands[b])
+        return self.repo.templates.get((tract, patch, self.bands[b]))
 
     def wants(self, idx: IntArray, b: int) -> npt.NDArray[np.bool_]:
         """Which of targets ``idx`` want band number ``b`` (all, unless a row said)."""
@@ -241,9 +252,9 @@ class Plan:
         total = 0
         for piece in self.pieces(i):
             area = (piece.x1 - piece.x0) * (piece.y1 - piece.y0)
-            for b, band in enumerate(self.bands):
+            for b in range(len(self.bands)):
                 wanted = self.wanted is None or bool(self.wanted[i, b])
-                if wanted and self.repo.get(int(self.tract[i]), piece.patch, band) is not None:
+                if wanted and self.image(int(self.tract[i]), piece.patch, b) is not None:
                     total += area
         return total / (int(self.side[i]) ** 2 * max(self.bands_of(i), 1))
 
@@ -255,27 +266,32 @@ class Plan:
         return [
             ref
             for tract, patch in dict.fromkeys(keys)
-            for band in self.bands
-            if (ref := self.repo.get(tract, patch, band)) is not None
+            for b in range(len(self.bands))
+            if (ref := self.image(tract, patch, b)) is not None
         ]
 
     def needed_images(self) -> set[tuple[int, int, str]]:
         """The (tract, patch, band) images the boxes touch, for the bands each target
         asks for (a box over its home patch's edge touches the neighbours it is
-        completed from), whether the repository has them or not."""
+        completed from), whether the repository has them or not (deep coadds: a Butler's)."""
+        others = {b for b, t in enumerate(self.types or ()) if t != "deep_coadd"}
+        return {(t, p, self.bands[b]) for t, p, b in self._needed() if b not in others}
+
+    def _needed(self) -> set[tuple[int, int, int]]:
+        """(tract, patch, band slot) of every image the boxes touch."""
         npatch = self.skymap.num_patches**2
-        images: set[tuple[int, int, str]] = set()
+        images: set[tuple[int, int, int]] = set()
         simple = np.flatnonzero(~self.crossing)
         home = self.tract * npatch + self.patch
-        for b, band in enumerate(self.bands):
+        for b in range(len(self.bands)):
             keys = np.unique(home[simple[self.wants(simple, b)]])
-            images |= {(int(k) // npatch, int(k) % npatch, band) for k in keys.tolist()}
+            images |= {(int(k) // npatch, int(k) % npatch, b) for k in keys.tolist()}
         for i in np.flatnonzero(self.crossing).tolist():
             tract = int(self.tract[i])
             for piece in self.pieces(i):
                 images |= {
-                    (tract, piece.patch, band)
-                    for b, band in enumerate(self.bands)
+                    (tract, piece.patch, b)
+                    for b in range(len(self.bands))
                     if self.wanted is None or self.wanted[i, b]
                 }
         return images
@@ -308,13 +324,13 @@ class Plan:
             if self.wanted is None
             else self.wanted.sum(axis=1).astype(np.int64)
         )
-        images = self.needed_images()
+        images = self._needed()
         home = self.tract * npatch + self.patch
-        missing = {k for k in images if self.repo.get(*k) is None}
+        missing = {k for k in images if self.image(*k) is None}
         # Only targets over an edge or at home on a missing image can lack pixels.
         special = self.crossing.copy()
-        for b, band in enumerate(self.bands):
-            gone = [t * npatch + p for t, p, m in missing if m == band]
+        for b in range(len(self.bands)):
+            gone = [t * npatch + p for t, p, m in missing if m == b]
             if gone:
                 special |= np.isin(home, gone) & self.wants(np.arange(n), b)
         area = self.side.astype(np.float64) ** 2
@@ -349,6 +365,7 @@ class Plan:
             rate=rate,
             no_rate=no_rate.lstrip("; "),
             lookup=tuple(self.repo.lookup_lines()),
+            types=tuple(dict.fromkeys(self.types or ("deep_coadd",))),
         )
 
 
@@ -460,8 +477,15 @@ def make_plan(
     bands: tuple[str, ...],
     default_side: int,
     planes: tuple[str, ...] = ("image", "mask", "variance"),
+    types: tuple[str, ...] = ("deep_coadd",),
 ) -> Plan:
-    """Resolve every target to its home tract, patch and box (one vectorised pass)."""
+    """Resolve every target to its home tract, patch and box (one vectorised pass).
+
+    ``types``: the coadd types to cut (``deep_coadd``, ``template_coadd``); but for
+    ``deep_coadd`` alone, each band gets a slot per type (:attr:`Plan.types`).
+    """
+    slots = None if types == ("deep_coadd",) else tuple(t for t in types for _ in bands)
+    bands = bands if slots is None else tuple(b for _ in types for b in bands)
     skymap = repo.skymap
     n = len(targets)
     side = np.where(targets.size > 0, targets.size, default_side).astype(np.int64)
@@ -500,6 +524,7 @@ def make_plan(
         y0=cols["y0"],
         crossing=crossing,
         wanted=_wanted(targets, bands),
+        types=slots,
     )
     # A Butler repository finds the images now, in a few queries for the whole plan.
     repo.ensure(plan.needed_images())

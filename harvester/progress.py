@@ -67,14 +67,16 @@ class RunProgress:
     """A run's progress hook: one bar, made when the total is known; with the Dask
     engine it also shows where the cluster is (:meth:`cluster`: its dashboard)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, label: str = "targets") -> None:
         self.stream = stream or sys.stderr
         self.bar: ProgressBar | None = None
         self.note = ""
+        #: What the bar counts: targets, or stamps (a single-epoch run).
+        self.label = label
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = ProgressBar(total, stream=self.stream)
+            self.bar = ProgressBar(total, label=self.label, stream=self.stream)
         self.bar.update(done, self.note)
 
     def cluster(self, text: str) -> None:

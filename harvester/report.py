@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = ["Report"]
 
 #: Statuses in the order a report lists them.
-_ORDER = ("ok", "partial", "no_coverage", "failed", "invalid")
+_ORDER = ("ok", "partial", "no_coverage", "failed", "pending", "invalid")
 
 
 @dataclass
@@ -53,19 +53,29 @@ class Report:
     outputs: dict[str, str] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     stopped: str | None = None
+    #: A single-epoch run's (target, epoch) stamps per status, over all runs of
+    #: the output folder; None for a coadd run.
+    epochs: dict[str, int] | None = None
+    #: What ``processed`` counts: ``targets``, or ``stamps`` (a single-epoch run).
+    unit: str = "targets"
 
     @property
     def cutouts_per_second(self) -> float:
-        """Targets harvested per second of this run."""
+        """Targets (stamps, for a single-epoch run) harvested per second of this run."""
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     def lines(self) -> list[str]:
         """The report as lines of text, as the command line prints it."""
         counts = ", ".join(f"{k} {self.counts[k]}" for k in _ORDER if self.counts.get(k))
-        out = [
-            f"targets     {self.targets} ({counts or 'none'})",
-            f"this run    {self.processed} harvested, {self.skipped} already done (resume)",
-            f"time        {self.seconds:.2f} s, {self.cutouts_per_second:,.0f} targets/s, "
+        unit = self.unit
+        out = [f"targets     {self.targets} ({counts or 'none'})"]
+        if self.epochs is not None:
+            stamps = ", ".join(f"{k} {self.epochs[k]}" for k in _ORDER if self.epochs.get(k))
+            out.append(f"stamps      {sum(self.epochs.values())} ({stamps or 'none'})")
+        out += [
+            f"this run    {self.processed} {'' if unit == 'targets' else unit + ' '}harvested, "
+            f"{self.skipped} already done (resume)",
+            f"time        {self.seconds:.2f} s, {self.cutouts_per_second:,.0f} {unit}/s, "
             f"{self.images_opened} images opened",
         ]
         if self.stopped is not None:

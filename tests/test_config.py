@@ -20,6 +20,7 @@ from harvester.config import (
     RunConfig,
     ServiceConfig,
     TapConfig,
+    TimeWindow,
     apply_override,
     load_config,
 )
@@ -87,6 +88,9 @@ EVERY_KEY: dict[str, dict[str, tuple[str, Any]]] = {
         "seed": ("-3", -3),
         "source": ('"soda"', "soda"),
         "engine": ('"dask"', "dask"),
+        "images": ('"visit_image,difference_image"', ("visit_image", "difference_image")),
+        "time": ('["2024-11-05", 60700.5]', TimeWindow(60619.0, 60700.5)),
+        "align": ('"tract"', "tract"),
     },
     "targets": {
         name: (f'"my_{name}"', f"my_{name}") for name in ("id", "ra", "dec", "size", "bands")
@@ -174,6 +178,8 @@ def test_every_key_is_read(tmp_path: Path, section: str, key: str) -> None:
     text, want = EVERY_KEY[section][key]
     path = tmp_path / "c.toml"
     extra = '[run]\nbands = ["g", "r", "i"]\n' if section == "grid" else ""
+    if section == "run" and key in ("time", "align"):  # keys of single-epoch runs
+        text += '\nimages = ["visit_image"]'
     path.write_text(f"{extra}[{section}]\n{key} = {text}\n")
     config = load_config(path)
     got = getattr(_section(config, section), key)
@@ -198,6 +204,21 @@ WRONG_TYPES: dict[str, dict[str, list[tuple[str, str]]]] = {
         "seed": [('"1"', "an integer"), ("false", "an integer"), ("1.0", "an integer")],
         "source": [("1", "one of 'local', 'http', 'soda', 'auto', 'butler'"), ('"x"', "one of")],
         "engine": [("1", "one of 'local', 'dask'"), ('"ray"', "one of 'local', 'dask'")],
+        "images": [
+            ("5", "distinct image types of deep_coadd, template_coadd"),
+            ('["calexp"]', "distinct image types"),
+            ('["visit_image", "visit_image"]', "distinct image types"),
+            ('["deep_coadd", "visit_image"]', "coadd types or single-epoch types, not both"),
+        ],
+        "time": [
+            ("5", "a time window 'START..END'"),
+            ('"60600"', "a time window"),
+            ('"60700..60600"', "a time window"),
+            ('"2024-11-05T00:00:00Z..60700"', "a time window"),
+            ('"2460600.5.."', "a time window"),
+            ("true", "a time window"),
+        ],
+        "align": [("1", "one of 'none', 'tract'"), ('"sky"', "one of 'none', 'tract'")],
     },
     "targets": {
         name: [("3", "a column name (a non-empty string)"), ('""', "a column name")]

@@ -23,6 +23,9 @@ The data model the time-domain engine builds on:
   target's position through each stamp's own WCS (the light-curve pictures);
   :func:`epoch_groups` — the (dataset type, band) groups in the order the outputs
   show them.
+* :class:`EpochSpec` / :class:`EpochBatch` — a unit of the engine's work (an
+  image and its targets) and its read (stamps, exact coverage, the image's WCS).
+* :class:`TimeWindow` — ``run.time``: ``[start, end)`` in MJD TAI, open ends allowed.
 * :mod:`._time` — times are MJD TAI (mid-exposure) in memory and on disk,
   ``DATE-AVG`` strings in headers, ``day_obs`` as ``YYYYMMDD``.
 
@@ -34,6 +37,7 @@ when it warps.
 """
 
 from ._align import ALIGN_METHODS, AlignedEpochs, align_epochs
+from ._batch import STAMP_STATUSES, EpochBatch, EpochSpec, concat_epoch_batches
 from ._index import FootprintIndex
 from ._pairs import EpochUnit, Pairs
 from ._photometry import (
@@ -45,25 +49,32 @@ from ._photometry import (
 from ._refs import EPOCH_TYPES, EpochRef, VisitRecord
 from ._stamps import EPOCH_COLUMNS, TargetEpochs
 from ._time import day_obs_of, day_obs_start_mjd, iso_tai, mjd_of_iso
+from ._window import TimeWindow, read_time_window
 
 __all__ = [
     "ALIGN_METHODS",
     "EPOCH_COLUMNS",
     "EPOCH_TYPES",
+    "STAMP_STATUSES",
     "AlignedEpochs",
     "ApertureFluxes",
+    "EpochBatch",
     "EpochRef",
+    "EpochSpec",
     "EpochUnit",
     "FootprintIndex",
     "Pairs",
     "TargetEpochs",
+    "TimeWindow",
     "VisitRecord",
     "align_epochs",
     "aperture_photometry",
+    "concat_epoch_batches",
     "day_obs_of",
     "day_obs_start_mjd",
     "default_aperture_arcsec",
     "epoch_groups",
     "iso_tai",
     "mjd_of_iso",
+    "read_time_window",
 ]

@@ -274,7 +274,15 @@ class _BatchPlan:
                 raise ValueError(f"{name} shape {np.shape(column)} != ({n}, {nb})")
         height, width = int(shape[2]), int(shape[3])
         self.bands = bands
-        self.band_keys = [_band_key(b) for b in bands]
+        # A run of both coadd types has each band twice: templates' HDUs and source
+        # cards carry the type (deep ones are named as in a deep-only run).
+        types = batch.types or ("deep_coadd",) * nb
+        mixed = len(set(types)) > 1
+        labels = [
+            b if t == "deep_coadd" or not mixed else f"{t.split('_')[0]}_{b}"
+            for b, t in zip(bands, types, strict=True)
+        ]
+        self.band_keys = [_band_key(b) for b in labels]
         self.pad = b"\0" * (-(height * width * 4) % BLOCK)
         self.crpix0 = float(batch.crpix0)
         self.scale = float(batch.scale_deg)
@@ -306,17 +314,22 @@ class _BatchPlan:
             [
                 _card("RADESYS", "ICRS"),
                 _card("SKYMAP", skymap, "Sky map of the tract/patch"),
-                _card("BANDS", "".join(bands), "Bands, in HDU order"),
+                _card("BANDS", "".join(dict.fromkeys(bands)), "Bands, in HDU order"),
+                *(
+                    [_card("DSTYPES", ",".join(dict.fromkeys(types)), "Dataset types")]
+                    if batch.types is not None
+                    else []
+                ),
             ]
         )
         self.run_cards = run_cards
         # Extension headers: (cards before the WCS, cards after it) per band and kind.
         mask_cards = "".join(_card(c.keyword, c.value, c.comment) for c in mask_header_cards())
         self.ext: list[list[tuple[str, str]]] = []
-        for band in bands:
-            per_kind = []
+        for band, label, dstype in zip(bands, labels, types, strict=True):
+            per_kind: list[tuple[str, str]] = []
             for kind, bitpix, _dtype, bunit in self.kinds:
-                extname = kind if nb == 1 else f"{kind}_{band}"
+                extname = kind if nb == 1 else f"{kind}_{label}"
                 pre = [
                     _card("XTENSION", "IMAGE", "image extension"),
                     _card("BITPIX", bitpix),
@@ -332,6 +345,8 @@ class _BatchPlan:
                 ]
                 if bunit:
                     pre.append(_card("BUNIT", bunit))
+                if batch.types is not None:
+                    pre.append(_card("DSTYPE", dstype, "Dataset type of the source"))
                 post = mask_cards if kind == "MASK" else ""
                 per_kind.append(("".join(pre), post))
             self.ext.append(per_kind)

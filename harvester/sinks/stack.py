@@ -52,7 +52,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -60,9 +60,9 @@ import numpy.typing as npt
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from ..cutout import COVERAGE_STATUSES, CutoutBatch
+from ..cutout import COVERAGE_STATUSES
 
-__all__ = ["SHARD_BYTES", "Range", "StackSink", "ids_width", "stack_wcs"]
+__all__ = ["SHARD_BYTES", "Range", "StackRows", "StackSink", "ids_width", "stack_wcs"]
 
 PARTS = "stack_parts"
 STACK = "stack.h5"
@@ -78,6 +78,23 @@ _STATUS_BYTES = np.array(COVERAGE_STATUSES, dtype="S11")
 
 #: Committed rows of a shard: (shard file name, first row, number of rows).
 Range = tuple[str, int, int]
+
+
+class StackRows(Protocol):
+    """What :meth:`StackSink.write` needs of a batch: a coadd
+    :class:`~harvester.cutout.CutoutBatch`, or a single-epoch batch (whose table
+    a subclass writes)."""
+
+    bands: tuple[str, ...]
+    scale_deg: float
+    image: npt.NDArray[np.float32]
+    variance: npt.NDArray[np.float32] | None
+    mask: npt.NDArray[np.int32] | None
+
+    def __len__(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
 
 
 @dataclass(eq=False)
@@ -145,7 +162,7 @@ class StackSink:
     def open(self) -> None:
         (self.out_dir / PARTS).mkdir(parents=True, exist_ok=True)
 
-    def write(self, batch: CutoutBatch) -> Range:
+    def write(self, batch: StackRows) -> Range:
         """Write a batch's rows into a shard; returns (shard, first row, rows).
 
         The rows are on disk (page cache) when this returns; they belong to the
@@ -193,7 +210,7 @@ class StackSink:
         n: int,
         planes: dict[str, npt.NDArray[Any]],
         table: np.dtype[np.void],
-        batch: CutoutBatch,
+        batch: StackRows,
     ) -> _Shard:
         """A new shard, complete as an HDF5 file, opened for raw writes."""
         nb, (h, w) = len(batch.bands), batch.shape
@@ -218,6 +235,9 @@ class StackSink:
                 offsets["table"] = _raw_dataset(f, "table", (capacity,), table)
                 f.attrs["bands"] = "".join(batch.bands)
                 f.attrs["scale_deg"] = batch.scale_deg
+                types = getattr(batch, "types", None)
+                if types is not None:  # a run of template coadds: each slot's type
+                    f.attrs["dataset_types"] = ",".join(types)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -242,12 +262,17 @@ class StackSink:
                 self._close(shard)
             self._free.clear()
 
-    def _table(self, batch: CutoutBatch) -> npt.NDArray[np.void]:
+    def row_dtype(self, id_width: int) -> np.dtype[np.void]:
+        """The ``table`` record type, for ids of ``id_width`` bytes."""
+        return _table_dtype(id_width)
+
+    def _table(self, batch: Any) -> npt.NDArray[np.void]:
+        """The batch's table rows (a :class:`~harvester.cutout.CutoutBatch`'s here)."""
         ids = _ascii_bytes(batch.ids) if self._ascii else None
         if ids is None:
             ids = _utf8(batch.ids)
         width = max(self._id_width, ids.dtype.itemsize)
-        table = np.empty(len(batch), dtype=_table_dtype(width))
+        table = np.empty(len(batch), dtype=self.row_dtype(width))
         table["id"] = ids
         table["status"] = _STATUS_BYTES[batch.status_codes]
         table["index"], table["ra"], table["dec"] = batch.index, batch.ra, batch.dec
@@ -312,7 +337,7 @@ class StackSink:
                 dsets = {
                     p: out.create_dataset(p, (total, *sh), dt) for p, (sh, dt) in planes.items()
                 }
-                table = out.create_dataset("table", (total,), _table_dtype(width))
+                table = out.create_dataset("table", (total,), self.row_dtype(width))
                 out.attrs.update(attrs)
                 at = 0
                 for part, spans in parts:
@@ -359,6 +384,8 @@ class StackSink:
                 planes = theirs
                 width = max(width, f["table"].dtype["id"].itemsize)
                 attrs = {"bands": str(f.attrs["bands"]), "scale_deg": float(f.attrs["scale_deg"])}
+                if "dataset_types" in f.attrs:
+                    attrs["dataset_types"] = str(f.attrs["dataset_types"])
         return planes or [], width, attrs
 
     def finalize(self, ranges: list[Range]) -> Path | None:
@@ -399,7 +426,7 @@ class StackSink:
             plane: h5py.VirtualLayout((n, *shape), np.int32 if plane == "mask" else np.float32)
             for plane in planes
         }
-        layouts["table"] = h5py.VirtualLayout((n,), _table_dtype(width))
+        layouts["table"] = h5py.VirtualLayout((n,), self.row_dtype(width))
         at = 0
         for part, first, rows in spans:
             capacity = _dims_of(part)[0]
@@ -413,6 +440,8 @@ class StackSink:
             fill = {"mask": 0, "table": None}.get(name, np.nan)
             g.create_virtual_dataset(name, layout, fillvalue=fill)
         g.attrs["bands"] = attrs["bands"]
+        if "dataset_types" in attrs:
+            g.attrs["dataset_types"] = attrs["dataset_types"]
         g.attrs["planes"] = ",".join(planes)
         g.attrs["scale_deg"] = float(attrs["scale_deg"])
         g.attrs["wcs_header"] = _WCS_TEMPLATE

@@ -20,6 +20,7 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..cutout import CutoutBatch
+from ..epochs import EpochRef
 from ..masks import NO_DATA
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
@@ -33,7 +34,10 @@ _GATHER_BYTES = 256 * 1024
 class ImageHandle(Protocol):
     """A deferred handle on one image file: headers parsed, no pixels read yet."""
 
-    ref: DatasetRef
+    @property
+    def ref(self) -> DatasetRef | EpochRef:
+        """The image: a coadd's dataset, or a single-epoch image."""
+
     x0: int  # PARENT pixel of the image's first pixel
     y0: int
     width: int
@@ -226,8 +230,8 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
     crossed = np.flatnonzero(crossing)
     for k in crossed:
         _fill_no_data(outs, (int(k),))
-    for b, band in enumerate(plan.bands):
-        ref = plan.repo.get(spec.tract, spec.patch, band)
+    for b in range(nb):
+        ref = plan.image(spec.tract, spec.patch, b)
         if ref is None:
             _fill_no_data(outs, (slice(None), b))
             continue
@@ -251,8 +255,8 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
         bx, by = int(plan.x0[i]), int(plan.y0[i])
         for piece in plan.pieces(i):
             ph, pw = piece.y1 - piece.y0, piece.x1 - piece.x0
-            for b, band in enumerate(plan.bands):
-                ref = plan.repo.get(spec.tract, piece.patch, band)
+            for b in range(nb):
+                ref = plan.image(spec.tract, piece.patch, b)
                 if ref is None or not plan.wants(idx[k : k + 1], b)[0]:
                     continue
                 handle = cache.get(ref)
@@ -289,6 +293,7 @@ def assemble_batch(plan: Plan, spec: BatchSpec, cache: HandleCache) -> CutoutBat
         # Broadcast views (n, B): no per-target copies of a path.
         dataset_ids=np.broadcast_to(np.array(dataset_ids, dtype=str), (n, nb)),
         files=np.broadcast_to(np.array(files, dtype=str), (n, nb)),
+        types=plan.types,
     )
 
 

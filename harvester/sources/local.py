@@ -15,23 +15,33 @@ import numpy as np
 import numpy.typing as npt
 from astropy.io import fits
 
+from .._epoch_plan import EpochPlan
 from .._fits import PLANE_HDUS
 from ..cutout import CutoutBatch
+from ..epochs import EpochBatch, EpochRef, EpochSpec
 from ..errors import RepositoryError, TransientError
 from ..limits import TRANSIENT_ERRNOS
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef, Repository
+from ._epoch_read import EpochHandles, read_epoch_unit
 from ._fits_header import origin, read_hdus
 from ._fits_layout import PlaneLayout, layout_of
 from .base import HandleCache, ImageHandle, assemble_batch, copy_boxes
 
-__all__ = ["CompressedHandle", "LocalSource", "MemmapHandle", "open_local", "open_path"]
+__all__ = [
+    "CompressedHandle",
+    "LocalSource",
+    "MemmapHandle",
+    "open_epoch",
+    "open_local",
+    "open_path",
+]
 
 
 class MemmapHandle:
     """A plain FITS file: one read-only memory map per plane, nothing read eagerly."""
 
-    def __init__(self, ref: DatasetRef, path: Path) -> None:
+    def __init__(self, ref: DatasetRef | EpochRef, path: Path) -> None:
         self.ref = ref
         self.path = path
         self._maps: list[np.memmap] = []
@@ -56,6 +66,8 @@ class MemmapHandle:
             if plane == "image":
                 self.x0, self.y0 = origin(hdu.cards)
                 self.height, self.width = shape
+                #: The IMAGE header's cards (an epoch image's WCS is read from them).
+                self.image_cards = hdu.cards
         if "image" not in self._planes:
             raise RepositoryError(f"{path}: no IMAGE HDU")
 
@@ -88,7 +100,9 @@ class CompressedHandle:
     tile twice, or tile by tile through sections, costs more than one full decode).
     """
 
-    def __init__(self, ref: DatasetRef, path: Path, full_plane_fraction: float = 0.3) -> None:
+    def __init__(
+        self, ref: DatasetRef | EpochRef, path: Path, full_plane_fraction: float = 0.3
+    ) -> None:
         self.ref = ref
         self.path = path
         self._lock = threading.Lock()
@@ -193,10 +207,32 @@ def open_path(ref: DatasetRef, path: Path, compressed: bool | None = None) -> Im
         raise RepositoryError(f"{path}: cannot open {what}: {exc}") from exc
 
 
+def open_epoch(repo: Repository, ref: EpochRef) -> ImageHandle:
+    """Open a deferred handle on a single-epoch file of the repository (headers only).
+
+    Raises
+    ------
+    TransientError, RepositoryError
+        As :func:`open_path` (the image named by dataset type, visit and detector).
+    """
+    path = repo.root / ref.path
+    what = f"{ref.dataset_type} of visit {ref.visit} detector {ref.detector}"
+    try:
+        return CompressedHandle(ref, path) if ref.compressed else MemmapHandle(ref, path)
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise TransientError(f"{path}: cannot open the {what} for now: {exc}") from exc
+        raise RepositoryError(f"{path}: cannot open the {what}: {exc}") from exc
+    except (KeyError, ValueError) as exc:
+        raise RepositoryError(f"{path}: cannot open the {what}: {exc}") from exc
+
+
 class LocalSource:
     """Reads cutouts from a repository on disk; see the module docstring.
 
-    Reads run in worker threads, at most ``concurrency`` at once.
+    Reads run in worker threads, at most ``concurrency`` at once. Single-epoch
+    units (:meth:`read_epochs`) keep their images in an :class:`EpochHandles` of
+    their own: pinned while read, then closed, so decoded planes do not pile up.
     """
 
     name = "local"
@@ -204,11 +240,18 @@ class LocalSource:
     def __init__(self, repo: Repository, concurrency: int = 2, cache_capacity: int = 64) -> None:
         self.repo = repo
         self.cache = HandleCache(lambda ref: open_local(repo, ref), capacity=cache_capacity)
+        self.epoch_handles = EpochHandles(lambda ref: open_epoch(repo, ref))
         self.limiter = anyio.CapacityLimiter(concurrency)
 
     @property
     def opens(self) -> int:
-        return self.cache.opens
+        return self.cache.opens + self.epoch_handles.opens
+
+    async def read_epochs(self, plan: EpochPlan, spec: EpochSpec) -> EpochBatch:
+        """Read a unit of single-epoch work (one image, its targets' stamps)."""
+        return await anyio.to_thread.run_sync(
+            read_epoch_unit, plan, spec, self.epoch_handles, self.repo.root, limiter=self.limiter
+        )
 
     def read_batch(self, plan: Plan, spec: BatchSpec) -> CutoutBatch:
         """Read a batch in the calling thread."""
@@ -221,3 +264,4 @@ class LocalSource:
 
     async def aclose(self) -> None:
         self.cache.close()
+        self.epoch_handles.close()
