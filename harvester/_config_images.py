@@ -9,11 +9,13 @@ Dependency rule: :mod:`harvester._config_keys` and the records of
 
 from __future__ import annotations
 
+import math
+
 from ._config_keys import _choice, _Key, _names
 from .epochs._refs import EPOCH_TYPES
 from .epochs._window import TimeWindow, read_time_window
 
-__all__ = ["ALIGNS", "COADD_TYPES", "IMAGE_KEYS", "IMAGE_TYPES", "TimeWindow"]
+__all__ = ["ALIGNS", "COADD_TYPES", "IMAGE_KEYS", "IMAGE_TYPES", "TimeWindow", "native_side"]
 
 #: Coadds on the patch grid: one cutout per target and band (and type).
 COADD_TYPES = ("deep_coadd", "template_coadd")
@@ -54,3 +56,14 @@ IMAGE_KEYS: dict[str, _Key] = {
     ),
     "align": _choice(*ALIGNS),
 }
+
+
+def native_side(side: int, align: str) -> int:
+    """The side native stamps are cut at for a requested ``side``.
+
+    With ``run.align = 'tract'`` a stamp is cut ``ceil(sqrt(2) * side) + 2`` pixels
+    wide, so that the ``side`` x ``side`` box on the tract grid lies inside it at
+    any rotation of the detector (otherwise every aligned epoch would lose its
+    corners); the native file then holds those larger stamps.
+    """
+    return math.ceil(math.sqrt(2.0) * side) + 2 if align == "tract" else side

@@ -27,6 +27,7 @@ epoch reader's WCS helpers; not the pipeline.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,7 @@ from .repo import Repository
 from .sinks.epoch_fits import EpochFitsWriter
 from .sinks.epoch_stack import EPOCH_ROW, EpochStackSink
 from .sinks.stack import PARTS
+from .skymap import SkyMap
 from .sources._epoch_read import image_wcs_cards
 from .targets import Targets
 
@@ -62,21 +64,25 @@ __all__ = [
 
 _PIXEL_STATUSES = ("ok", "partial")
 
+log = logging.getLogger("harvester")
+
 
 def check_epoch_outputs(config: RunConfig) -> None:
-    """Refuse, before any work, per-target outputs this build cannot make.
+    """Refuse, before any work, per-target outputs this installation cannot make.
 
     Raises
     ------
     ConfigError
-        ``run.align = 'tract'``: the aligned output is not part of this build.
+        ``run.align = 'tract'`` without ``reproject`` (the ``align`` extra).
     """
-    if config.align != "none":
-        raise ConfigError(
-            f"run.align = {config.align!r}: the aligned epoch output (warping onto the "
-            "tract grid) is not called from the run's per-target step yet; use "
-            "run.align = 'none'"
-        )
+    if config.align == "tract":
+        try:
+            import reproject  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"run.align = 'tract' warps epochs with reproject ({exc}); install it with: "
+                "pip install 'harvester[align]'"
+            ) from exc
 
 
 @dataclass
@@ -85,6 +91,7 @@ class TargetWriters:
 
     out: Path
     run_info: Mapping[str, str] = field(default_factory=dict)
+    skymap: SkyMap | None = None
     fits: EpochFitsWriter | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +104,7 @@ def write_target_outputs(
     out: Path,
     *,
     index: int = -1,
+    side: int = 0,
     writers: TargetWriters | None = None,
 ) -> list[str]:
     """Write one target's per-target outputs; their paths relative to ``out``.
@@ -107,17 +115,52 @@ def write_target_outputs(
 
     * ``fits`` in ``config.formats``: the native file ``fits/<id>.fits``
       (:mod:`harvester.sinks.epoch_fits`);
-    * ``config.align`` is passed on to the aligned outputs (``tract``: epochs
-      warped onto the target's tract grid, a target-pixel-file table) and the
-      pictures (a filmstrip page, a light curve): they are called from here.
+    * ``config.align == "tract"``: the epochs warped onto the target's home tract
+      grid, a ``side`` x ``side`` box (:func:`harvester.epochs.align_epochs`),
+      written as target pixel files that lightkurve reads,
+      ``tpf/<id>.<dataset type>.<band>.fits`` (:mod:`harvester.sinks.tpf`);
+    * ``grid`` in ``config.formats``, for the first ``grid.max_stamps`` targets of
+      the list: a filmstrip page and an aperture light curve,
+      ``pictures/<id>-filmstrip.png`` and ``-lightcurve.png``
+      (:mod:`harvester.sinks.epoch_pictures`), of the aligned epochs when there
+      are, else of the native ones.
 
-    ``index``: the target's position in the run's list (provenance); ``writers``:
-    the run's writers (made here when None).
+    ``index``: the target's position in the run's list (provenance, and the
+    pictures' cap); ``side``: the requested stamp side (the aligned box);
+    ``writers``: the run's writers (made here when None).
+
+    Raises
+    ------
+    ValueError
+        An epoch's WCS cannot be read for warping (target, epoch, visit and
+        detector named); the native file is written before.
     """
     writers = writers or TargetWriters(out)
     paths: list[str] = []
     if "fits" in config.formats and writers.fits is not None:
         paths.append(writers.fits.write(epochs, index))
+    shown = epochs
+    if config.align == "tract" and len(epochs):
+        from .epochs import align_epochs
+        from .sinks.tpf import write_target_pixel_files
+
+        skymap = writers.skymap or SkyMap()
+        w = side if side > 0 else epochs.image.shape[-1]
+        aligned = align_epochs(epochs, skymap, shape=(w, w))
+        written = write_target_pixel_files(aligned, out / "tpf")
+        paths += [str(p.relative_to(out)) for p in written]
+        shown = aligned.epochs
+    if "grid" in config.formats and 0 <= index < config.grid.max_stamps:
+        from .sinks.epoch_pictures import write_filmstrip, write_light_curve
+        from .sinks.fits import safe_filename
+
+        stem = safe_filename(epochs.id)
+        folder = out / "pictures"
+        folder.mkdir(parents=True, exist_ok=True)
+        film = write_filmstrip(shown, folder / f"{stem}-filmstrip.png", stretch=config.grid.stretch)
+        curve = folder / f"{stem}-lightcurve.png"
+        write_light_curve(shown, curve)
+        paths += [str(film.relative_to(out)), str(curve.relative_to(out))]
     return paths
 
 
@@ -278,6 +321,8 @@ class EpochSummary:
     targets: Counter[str] = field(default_factory=Counter)
     stamps: Counter[str] = field(default_factory=Counter)
     built: int = 0
+    #: (target id, error) of per-target outputs that could not be made.
+    failures: list[tuple[str, str]] = field(default_factory=list)
 
 
 def finish_epochs(
@@ -322,7 +367,8 @@ def finish_epochs(
     }
     refs = {r.id: r for r in repo.epochs}
     shards = _Shards(out / PARTS)
-    writers = TargetWriters(out, {"HRUN": str(run_id)})
+    writers = TargetWriters(out, {"HRUN": str(run_id)}, skymap=repo.skymap)
+    default_side = config.size.pixels(repo.skymap)
     headers: dict[str, list[Card]] = {}
     records: list[tuple[Any, ...]] = []
     try:
@@ -354,7 +400,18 @@ def finish_epochs(
                 repo,
                 refs,
             )
-            paths = write_target_outputs(te, config, out, index=i, writers=writers)
+            side = int(targets.size[i]) if targets.size[i] > 0 else default_side
+            try:
+                paths = write_target_outputs(te, config, out, index=i, side=side, writers=writers)
+            except ValueError as exc:
+                # An epoch's WCS unreadable for warping: this target's outputs fail
+                # (recorded, redone by the next run), the others go on.
+                log.warning("%s: per-target outputs failed: %s", tid, exc)
+                summary.failures.append((tid, f"{type(exc).__name__}: {exc}"))
+                summary.targets[status] -= 1
+                summary.targets["failed"] += 1
+                records.append((tid, i, len(te), "failed", "", "", run_id, time.time()))
+                continue
             summary.built += 1
             records.append((tid, i, len(te), status, "\n".join(paths), digest, run_id, time.time()))
             if len(records) >= 1000:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._config_images import COADD_TYPES
+from ._config_images import COADD_TYPES, native_side
 from .config import RunConfig, TimeWindow
 from .epochs import EpochRef, EpochSpec, FootprintIndex
 from .errors import ConfigError
@@ -254,6 +254,7 @@ def make_epoch_plan(
         index = FootprintIndex.from_refs(refs)
     default_side = config.size.pixels(repo.skymap)
     side = np.where(targets.size > 0, targets.size, default_side).astype(np.int64)
+    side = _native(side, config.align)
     pairs = index.query(
         targets.ra,
         targets.dec,
@@ -324,7 +325,7 @@ def plan_of_pairs(
         raise ValueError(f"{repo.root}: no epoch image {missing[0]} (not the driver's repository?)")
     mapped = np.array([rows[i] for i in image_ids], dtype=np.int64)[image]
     side = np.where(targets.size > 0, targets.size, config.size.pixels(repo.skymap))
-    side = side.astype(np.int64)
+    side = _native(side.astype(np.int64), config.align)
     order = np.lexsort((target, side[target], mapped))
     return EpochPlan(
         targets=targets,
@@ -339,3 +340,10 @@ def plan_of_pairs(
         image=mapped[order],
         coverage=np.ones(len(target), np.float32),
     )
+
+
+def _native(side: IntArray, align: str) -> IntArray:
+    """Each target's native stamp side for its requested side (see ``native_side``)."""
+    if align == "none":
+        return side
+    return np.array([native_side(int(v), align) for v in side.tolist()], dtype=np.int64)

@@ -460,6 +460,7 @@ class HarvestRun:
                         ledger.run_id or 0,
                     )
                     outputs.update(epochs.outputs)
+                    self.failures += epochs.failures
                     self.counts = epochs.targets + Counter(invalid=len(self.targets.bad))
                     self.stack = None
                 if self.fits is not None:

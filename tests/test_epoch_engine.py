@@ -546,8 +546,6 @@ def test_single_epoch_runs_refuse_what_they_cannot_do(
         anyio.run(stream)
     with pytest.raises(Exception, match="needs an output folder"):
         run(config.replace(output=None), t)
-    with pytest.raises(Exception, match="aligned epoch output .* not called"):
-        run(config.replace(align="tract"), t)
     with pytest.raises(Exception, match=r"run\.time.*coadds have no time"):
         load_config(None, time="60600..")
     with pytest.raises(Exception, match="coadd types or single-epoch types, not both"):
