@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller runs")
     p.add_argument("--only", nargs="*", choices=("a", "b", "c"), help="parts to run")
-    p.add_argument("--shard-size", type=int, default=4096, help="dask.shard_size of part a")
+    p.add_argument("--shard-size", type=int, default=8192, help="dask.shard_size of part a")
     args = p.parse_args(argv)
     if not (REPO / "index.json").is_file():
         print(f"{REPO} is missing: run `make demo` (or `harvester synth`) first", file=sys.stderr)

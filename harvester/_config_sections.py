@@ -127,7 +127,7 @@ class DaskConfig:
     threads_per_worker: int = 1
     processes: bool = True
     dashboard: str = ":8787"
-    shard_size: int = 4096
+    shard_size: int = 8192
     window: int = 2
 
     def __post_init__(self) -> None:
