@@ -603,7 +603,13 @@ def test_a_service_without_tap_is_named(
     with serve_in_thread(tap_repo, settings) as server:
         base = ["--service-url", server.base_url, "--token", "t", "--output", str(tmp_path)]
         code, _, err = cli(
-            capsys, "plan", "--targets", "adql:SELECT objectId FROM dp1.Object", *base
+            capsys,
+            "plan",
+            "--targets",
+            "adql:SELECT objectId FROM dp1.Object",
+            "--source",
+            "http",
+            *base,
         )
         assert code == 1 and "has no TAP service; set tap.url (--tap-url)" in err
         toml = tmp_path / "c.toml"
