@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,13 +19,25 @@ from astropy.io import fits
 from .skymap import TractWcs
 from .wcsheader import window_cards, window_header
 
-__all__ = ["COVERAGE_STATUSES", "STATUSES", "Cutout", "CutoutBatch"]
+__all__ = [
+    "COVERAGE_STATUSES",
+    "STATUSES",
+    "Cutout",
+    "CutoutBatch",
+    "coverage_status_codes",
+]
 
 #: Per-target outcomes, as recorded in the ledger.
 STATUSES = ("ok", "partial", "no_coverage", "failed", "invalid", "pending")
 #: The outcomes of a cutout that was read, by :attr:`CutoutBatch.status_codes`.
 COVERAGE_STATUSES = STATUSES[:3]
 _COVERAGE_NAMES = np.array(COVERAGE_STATUSES)
+
+
+def coverage_status_codes(coverage: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.int8]:
+    """Index into :data:`COVERAGE_STATUSES` per covered fraction: 0 ok (whole),
+    1 partial, 2 no_coverage."""
+    return (coverage < 1.0).view(np.int8) + (coverage <= 0.0).view(np.int8)
 
 
 @dataclass
@@ -92,7 +105,7 @@ class CutoutBatch:
     @property
     def status_codes(self) -> npt.NDArray[np.int8]:
         """Index into :data:`COVERAGE_STATUSES` per cutout, from its coverage."""
-        return (self.coverage < 1.0).view(np.int8) + (self.coverage <= 0.0).view(np.int8)
+        return coverage_status_codes(self.coverage)
 
     @property
     def status(self) -> npt.NDArray[np.str_]:

@@ -30,6 +30,7 @@ from .epochs._refs import (
     EpochRef,
     VisitRecord,
     check_epoch_files,
+    check_file_entry,
     epoch_json,
     parse_epochs,
     parse_visits,
@@ -280,17 +281,7 @@ def _load_refs(
     for i, entry in enumerate(entries):
         ref = _parse_entry(index, i, entry, what)
         where = f"{index}: {what} {i} ({ref.tract}, {ref.patch}, {ref.band})"
-        target = (root / ref.path).resolve()
-        if not target.is_relative_to(resolved_root):
-            raise RepositoryError(f"{where}: path {ref.path!r} leaves the repository")
-        if check_files:
-            if not target.is_file():
-                raise RepositoryError(f"{where}: file {target} is missing")
-            actual = target.stat().st_size
-            if actual != ref.size:
-                raise RepositoryError(
-                    f"{where}: file {target} has {actual} bytes, the index says {ref.size}"
-                )
+        check_file_entry(where, root, resolved_root, ref.path, ref.size, check_files)
         if ref.key in out:
             raise RepositoryError(f"{where}: duplicate data id")
         out[ref.key] = ref

@@ -15,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from harvester.plan import BatchSpec
 from harvester.repo import Repository
 from harvester.service import serve, serve_in_thread
 from harvester.skymap import SkyMap
-from tests.test_engine import ROOT, _stack_by_id
+from tests.test_engine import ROOT, _stack_by_id, kill_when_recorded
 from tests.test_http_source import remote_config, settings, tract_targets
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
@@ -374,18 +373,7 @@ def test_driver_killed_then_resume_does_only_what_is_missing(
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(["run", str(conf), "--output", str(whole), "--engine", "local", "--quiet"]) == 0
     cmd = [sys.executable, "-m", "harvester", "run", str(conf), "--quiet", "--output", str(broken)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ledger = broken / "ledger.sqlite"
-    for _ in range(600):  # until some shards are committed, at most ~60 s
-        time.sleep(0.05)
-        try:
-            n = sqlite3.connect(ledger).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
-        except sqlite3.OperationalError:
-            continue
-        if n >= 100:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_recorded(cmd, broken / "ledger.sqlite", 100, poll=0.05)  # shards committed
     done = len(_rows(broken))
     assert 0 < done < 2000, "the kill must land mid-run for this test to mean anything"
     resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -181,6 +181,23 @@ def _tract_header(skymap: SkyMap, tract: int) -> fits.Header:
     return h
 
 
+def kill_when_recorded(cmd: list[str], ledger: Path, rows: int, poll: float = 0.1) -> None:
+    """Start ``cmd`` in its own process and SIGKILL it once its ledger records at
+    least ``rows`` targets (looking every ``poll`` s, at most 600 times), as a crash
+    would."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        time.sleep(poll)
+        try:
+            n = sqlite3.connect(ledger).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet, or mid-transaction
+            continue
+        if n >= rows:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_fits_outputs_wcs_and_provenance(
     tmp_path: Path, tiny_repo: Repository, tiny_skymap: SkyMap, tiny_tract: int
 ) -> None:
@@ -439,24 +456,7 @@ def test_kill_9_then_resume_equals_uninterrupted(
     # The uninterrupted reference needs no process of its own; the killed run does.
     assert main([*args, "--output", str(whole)]) == 0
 
-    proc = subprocess.Popen(
-        [*cmd, "--output", str(broken)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ledger = broken / "ledger.sqlite"
-    for _ in range(600):  # until some work is recorded, at most ~60 s
-        time.sleep(0.1)
-        if ledger.exists():
-            try:
-                n = sqlite3.connect(ledger).execute("SELECT COUNT(*) FROM targets").fetchone()[0]
-            except sqlite3.OperationalError:
-                continue
-            if n >= 100:
-                break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_recorded([*cmd, "--output", str(broken)], broken / "ledger.sqlite", 100)
     killed_at = len(_ledger(broken))
     assert 0 < killed_at < 1500, "the kill must land mid-run for this test to mean anything"
     # Nothing half-written under a final name: every FITS file there opens whole.

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..cutout import COVERAGE_STATUSES, coverage_status_codes
 from ._refs import EpochRef
 
 __all__ = ["STAMP_STATUSES", "EpochBatch", "EpochSpec", "concat_epoch_batches"]
 
 IntArray = npt.NDArray[np.int64]
 #: Per-stamp outcomes of a read, by :attr:`EpochBatch.status_codes`.
-STAMP_STATUSES = ("ok", "partial", "no_coverage")
+STAMP_STATUSES = COVERAGE_STATUSES
 _NAMES = np.array(STAMP_STATUSES)
 #: A WCS header card: (keyword, value, comment).
 Card = tuple[str, object, str]
@@ -118,7 +119,7 @@ class EpochBatch:
     @property
     def status_codes(self) -> npt.NDArray[np.int8]:
         """Index into :data:`STAMP_STATUSES` per stamp (0 ok, 1 partial)."""
-        return (self.coverage < 1.0).view(np.int8) + (self.coverage <= 0.0).view(np.int8)
+        return coverage_status_codes(self.coverage)
 
     @property
     def status(self) -> npt.NDArray[np.str_]:

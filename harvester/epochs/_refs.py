@@ -39,6 +39,7 @@ __all__ = [
     "EpochRef",
     "VisitRecord",
     "check_epoch_files",
+    "check_file_entry",
     "epoch_json",
     "parse_epochs",
     "parse_visits",
@@ -307,6 +308,24 @@ def parse_visits(index: Path, entries: Any) -> list[VisitRecord]:
     return out
 
 
+def check_file_entry(
+    where: str, root: Path, resolved_root: Path, path: str, size: int, check_files: bool
+) -> None:
+    """An index entry's file: inside the repository (always), present and of the
+    recorded size (when ``check_files``); errors name the entry (``where``)."""
+    target = (root / path).resolve()
+    if not target.is_relative_to(resolved_root):
+        raise RepositoryError(f"{where}: path {path!r} leaves the repository")
+    if check_files:
+        if not target.is_file():
+            raise RepositoryError(f"{where}: file {target} is missing")
+        actual = target.stat().st_size
+        if actual != size:
+            raise RepositoryError(
+                f"{where}: file {target} has {actual} bytes, the index says {size}"
+            )
+
+
 def check_epoch_files(index: Path, root: Path, refs: Sequence[EpochRef], check_files: bool) -> None:
     """Every epoch path stays inside ``root``; with ``check_files``, each file exists
     with the recorded size."""
@@ -315,14 +334,4 @@ def check_epoch_files(index: Path, root: Path, refs: Sequence[EpochRef], check_f
         where = (
             f"{index}: epoch {i} ({ref.dataset_type}, visit {ref.visit}, detector {ref.detector})"
         )
-        target = (root / ref.path).resolve()
-        if not target.is_relative_to(resolved_root):
-            raise RepositoryError(f"{where}: path {ref.path!r} leaves the repository")
-        if check_files:
-            if not target.is_file():
-                raise RepositoryError(f"{where}: file {target} is missing")
-            actual = target.stat().st_size
-            if actual != ref.size:
-                raise RepositoryError(
-                    f"{where}: file {target} has {actual} bytes, the index says {ref.size}"
-                )
+        check_file_entry(where, root, resolved_root, ref.path, ref.size, check_files)
