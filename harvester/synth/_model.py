@@ -207,6 +207,22 @@ def agn_catalog(ids: npt.ArrayLike, x: FloatArray, y: FloatArray, seed: int) -> 
     return Catalog.concat([point, galaxy])
 
 
+def stamp_half(
+    flux: FloatArray,
+    fwhm_px: float,
+    re_px: FloatArray,
+    is_point: npt.NDArray[np.bool_],
+    sersic_n: FloatArray,
+) -> npt.NDArray[np.int64]:
+    """Half-size of each source's rendering stamp (px): enough for the profile to
+    fall well below the sky noise (wider for bright point sources)."""
+    return np.where(
+        is_point,
+        np.clip(4 * fwhm_px * (1 + np.log10(np.maximum(flux, 1) / 1e3).clip(0)), 6, 80),
+        np.clip(re_px * (2 + sersic_n), 6, 80),
+    ).astype(np.int64)
+
+
 def render(
     cat: Catalog,
     band: Band,
@@ -222,12 +238,7 @@ def render(
     fwhm_px = band.fwhm_arcsec / scale_arcsec
     re_px = np.hypot(cat.r_eff_arcsec / scale_arcsec, 0.6 * fwhm_px)
     is_point = cat.kind != 1
-    # Stamp half-size: enough for the profile to fall well below the sky noise.
-    half = np.where(
-        is_point,
-        np.clip(4 * fwhm_px * (1 + np.log10(np.maximum(flux, 1) / 1e3).clip(0)), 6, 80),
-        np.clip(re_px * (2 + cat.sersic_n), 6, 80),
-    ).astype(np.int64)
+    half = stamp_half(flux, fwhm_px, re_px, is_point, cat.sersic_n)
     cx = np.floor(cat.x + 0.5).astype(np.int64) - x0
     cy = np.floor(cat.y + 0.5).astype(np.int64) - y0
     visible = (cx + half >= 0) & (cx - half < w) & (cy + half >= 0) & (cy - half < h)

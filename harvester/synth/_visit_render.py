@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from ..skymap import SkyMap, SkyMapConfig
 from ._camera import DetectorWcs
-from ._model import Band, Catalog, agn_catalog, block_catalog
+from ._model import Band, Catalog, agn_catalog, block_catalog, stamp_half
 
 __all__ = ["DetectorSources", "detector_sources", "moffat", "render_sources", "skymap_of"]
 
@@ -228,11 +228,7 @@ def render_sources(
     fwhm_px = fwhm_arcsec / scale_arcsec
     re_px = np.hypot(cat.r_eff_arcsec / scale_arcsec, 0.6 * fwhm_px)
     is_point = cat.kind != 1
-    half = np.where(
-        is_point,
-        np.clip(4 * fwhm_px * (1 + np.log10(np.maximum(flux, 1) / 1e3).clip(0)), 6, 80),
-        np.clip(re_px * (2 + cat.sersic_n), 6, 80),
-    ).astype(np.int64)
+    half = stamp_half(flux, fwhm_px, re_px, is_point, cat.sersic_n)
     cx = np.floor(src.x + 0.5).astype(np.int64)
     cy = np.floor(src.y + 0.5).astype(np.int64)
     visible = (cx + half >= 0) & (cx - half < w) & (cy + half >= 0) & (cy - half < h)
