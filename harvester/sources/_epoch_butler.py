@@ -24,6 +24,7 @@ Dependency rule: numpy, anyio, errors, :mod:`harvester.epochs`,
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -114,11 +115,12 @@ class ButlerEpochFinder:
         if search.time is not None:
             from astropy.time import Time
 
-            t0, t1 = search.time
-            where.append("visit.timespan OVERLAPS :t")
-            bind["t"] = Timespan(
-                Time(t0, format="mjd", scale="tai"), Time(t1, format="mjd", scale="tai")
+            t0, t1 = (
+                Time(t, format="mjd", scale="tai") if math.isfinite(t) else None
+                for t in search.time
             )
+            where.append("visit.timespan OVERLAPS :t")
+            bind["t"] = Timespan(t0, t1)  # None: an open end
         self.queries += 1
         refs: list[Any] = _call(
             f"query_datasets({dataset_type!r}, collections={self.collections})",
