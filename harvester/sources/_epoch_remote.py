@@ -249,6 +249,8 @@ class RemoteEpochSource:
         out["backends"] = {
             r.name: r.statistics() for r in (self.files, self.cutouts) if r is not None
         }
+        if self.choices:
+            out["epoch_choices"] = dict(self.choices)
         if self.catalog is not None:
             c = self.catalog
             out["catalogue"] = {

@@ -7,11 +7,12 @@ client's cutout quota. No byte of the image file is read: SODA answers with the
 box of the image's own pixels that holds the circle, and its IMAGE header is the
 image's header WCS with CRPIX moved to the box (``LTV1/2`` the box's origin).
 
-The circle's radius is the stamp's half side plus two pixels, the pixel scale
-taken from the image's footprint (its catalogue polygon over its pixel size): the
-box SODA keeps (every pixel whose centre the circle's boundary spans) then holds
-the whole stamp, whose pixels lie at most half a side and half a pixel from the
-target. From the first cutout the image's own header WCS is restored (CRPIX plus
+The circle's radius is the stamp's half diagonal (its half side plus two pixels,
+times sqrt 2), the pixel scale taken from the image's footprint (its catalogue
+polygon over its pixel size): the circle holds the whole stamp, corners too, so a
+stamp that touches the detector only by a corner is still found on it, and the
+box SODA keeps (every pixel whose centre the circle's boundary spans) holds every
+pixel of the stamp. From the first cutout the image's own header WCS is restored (CRPIX plus
 the box's origin: a single-epoch image's pixels start at its detector's first
 pixel, ``LTV`` 0, as DP1's do), and the unit's stamps are placed with it exactly as
 a local run places them (:func:`~._epoch_read.locate_stamps`), then cut from the
@@ -66,7 +67,10 @@ def circle_radius(ref: EpochRef, side: int) -> float:
     edge = np.degrees(np.arccos(np.clip(np.sum(v * np.roll(v, -1, axis=0), axis=1), -1, 1)))
     # Corners in pixel order: edges 0 and 2 span the width, 1 and 3 the height.
     scale = max((edge[0] + edge[2]) / (2 * ref.width), (edge[1] + edge[3]) / (2 * ref.height))
-    return float((side / 2 + MARGIN_PX) * scale * 1.01)
+    # The circle holds the whole square, corners too: a stamp touching the detector
+    # only by a corner is a stamp (partial), and a circle of half the side would
+    # miss the detector there (SODA: no intersection).
+    return float((side / 2 + MARGIN_PX) * math.sqrt(2.0) * scale * 1.01)
 
 
 @dataclass(frozen=True)

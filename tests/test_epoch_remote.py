@@ -1,0 +1,287 @@
+"""Single-epoch runs through every remote source equal the local run.
+
+``harvester serve`` (in a thread, on loopback, with a token) serves the tiny epoch
+repository; the ``http``, ``soda`` and ``auto`` sources find its epoch images
+through the service's catalogue and read them, and the run's ledger, per-target
+FITS files and stack must be the local run's. Oracles independent of harvester:
+numpy slices of the visit files and astropy's WCS of each harvested epoch HDU.
+Requests are counted on the server, never timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from harvester.cli import main
+from harvester.config import RunConfig
+from harvester.engine import Harvester
+from harvester.limits import RetryPolicy
+from harvester.masks import NO_DATA
+from harvester.repo import Repository
+from harvester.report import Report
+from harvester.service import ServerHandle, serve_in_thread
+from harvester.synth import AgnList
+
+from .test_epoch_engine import (
+    SIDE,
+    Columns,
+    Visit,
+    _config,
+    _fits_content,
+    _pairs,
+    _stack_rows,
+    _targets,
+)
+from .test_http_source import FAST_RETRY, TOKEN, assert_token_only_on_services, settings
+
+#: The server's 500 for a missing file is retried (as transient) once, quickly.
+ONE_RETRY = RetryPolicy(attempts=2, base=0.01, cap=0.02, total=5.0)
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_epochs: Repository, tiny_agn: AgnList) -> Columns:
+    return _targets(tiny_epochs, tiny_agn, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_epochs: Repository) -> dict[str, Visit]:
+    return {r.id: Visit(tiny_epochs, r) for r in tiny_epochs.epochs}
+
+
+@pytest.fixture(scope="module")
+def local(
+    tmp_path_factory: pytest.TempPathFactory, tiny_epochs: Repository, targets: Columns
+) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    anyio.run(_harvest, _config(tiny_epochs, out, batch_size=3, bands="g"), targets)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_epochs: Repository) -> Iterator[ServerHandle]:
+    with serve_in_thread(tiny_epochs, settings()) as handle:
+        yield handle
+
+
+def _remote(repo: Repository, out: Path, source: str, url: str, **kw: Any) -> RunConfig:
+    base: dict[str, Any] = {"batch_size": 3, "bands": "g"}
+    config = _config(repo, out, source=source, service_url=url, token=TOKEN, **(base | kw))
+    service = dataclasses.replace(config.service, cutout_per_minute=0, sia_per_minute=0)
+    return config.replace(service=service)
+
+
+async def _harvest(
+    config: RunConfig, t: Columns, retry: RetryPolicy = FAST_RETRY, **kw: Any
+) -> tuple[Report, dict[str, Any]]:
+    """Run; the source's statistics (remote sources) with the report."""
+    async with Harvester(config, **kw) as h:
+        h.retry = retry
+        report = await h.run(t)
+        source: Any = h._source
+        stats = source.statistics() if hasattr(source, "statistics") else {}
+    return report, stats
+
+
+@dataclasses.dataclass
+class Remote:
+    source: str
+    out: Path
+    report: Report
+    stats: dict[str, Any]
+    served: Counter[tuple[str, int]]
+
+
+@pytest.fixture(scope="module", params=["http", "soda", "auto"])
+def remote(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_epochs: Repository,
+    targets: Columns,
+    server: ServerHandle,
+) -> Remote:
+    source = str(request.param)
+    out = tmp_path_factory.mktemp(source)
+    before = Counter(server.stats)
+    # auto: SODA for images with one pair, the file for the others (both are used).
+    config = _remote(tiny_epochs, out, source, server.base_url)
+    config = config.replace(service=dataclasses.replace(config.service, cutouts_per_image=1))
+    report, stats = anyio.run(_harvest, config, targets)
+    served = Counter(server.stats)
+    served.subtract(before)
+    return Remote(source, out, report, stats, +served)
+
+
+def test_remote_epoch_run_equals_the_local_run(remote: Remote, local: Path) -> None:
+    """The same (target, epoch) pairs with the same status and coverage, the same
+    per-target FITS (EPOCHS tables and every HDU's pixels) and stack rows."""
+    want = _pairs(local)
+    assert _pairs(remote.out) == want
+    assert {s for s, _ in want.values()} >= {"ok", "partial"}
+    assert _fits_content(remote.out) == _fits_content(local)
+    assert _stack_rows(remote.out) == _stack_rows(local)
+    assert remote.report.counts.get("failed", 0) == 0
+
+
+def test_remote_epoch_pixels_and_wcs_are_the_visit_files(
+    remote: Remote, files: dict[str, Visit]
+) -> None:
+    """Each epoch HDU equals a numpy slice of its visit file (NaN, NO_DATA off the
+    detector), and its header WCS (astropy) puts the target at the stamp's centre."""
+    checked = 0
+    for path in sorted((remote.out / "fits").glob("*.fits")):
+        with fits.open(path) as hdul:
+            ra, dec = hdul[0].header["RA"], hdul[0].header["DEC"]
+            for row in hdul["EPOCHS"].data:
+                v = files[row["dataset_id"]]
+                x0, y0 = int(row["x0"]), int(row["y0"])
+                number = row["hdu"].split("_", 1)[1]
+                for plane in ("IMAGE", "MASK", "VARIANCE"):
+                    full = v.planes[plane]
+                    h, w = full.shape
+                    fill = NO_DATA if plane == "MASK" else np.nan
+                    want = np.full((SIDE, SIDE), fill, dtype=full.dtype.newbyteorder("="))
+                    ya, yb, xa, xb = max(y0, 0), min(y0 + SIDE, h), max(x0, 0), min(x0 + SIDE, w)
+                    want[ya - y0 : yb - y0, xa - x0 : xb - x0] = full[ya:yb, xa:xb]
+                    np.testing.assert_array_equal(hdul[f"{plane}_{number}"].data, want)
+                x, y = WCS(hdul[row["hdu"]].header).all_world2pix(ra, dec, 0)
+                assert math.floor(float(x) + 0.5) == SIDE // 2
+                assert math.floor(float(y) + 0.5) == SIDE // 2
+                checked += 1
+    assert checked > 40
+
+
+def test_remote_epoch_requests_are_counted(remote: Remote, local: Path) -> None:
+    """``soda``: one cutout request per (target, epoch) pair the plan found, a 422 for
+    each whose box misses the detector, no file read; ``http``: no cutout, each
+    image with stamps opened once; ``auto``: SODA for the images with at most
+    ``service.cutouts_per_image`` (1 here) pairs, the file for the others."""
+    pairs = _pairs(local)
+    stamps = Counter(d for (_, d), (s, _) in pairs.items() if s in ("ok", "partial"))
+    planned = Counter(d for (_, d) in pairs)
+    misses = sum(1 for s, _ in pairs.values() if s == "no_coverage")
+    served = remote.served
+    backends = remote.stats["backends"]
+    assert served[("datalink", 200)] >= 1 and served[("repository", 200)] == 1
+    if remote.source == "soda":
+        assert served[("cutout", 303)] == sum(stamps.values())
+        assert served[("cutout", 422)] == misses == backends["soda"]["off_image"]
+        assert served[("storage", 200)] + served[("storage", 206)] == 0
+    elif remote.source == "http":
+        assert served[("cutout", 303)] == 0
+        assert backends["http"]["opens"] == len(stamps)
+        assert served[("storage", 206)] + served[("storage", 200)] > 0
+    else:
+        choices: dict[str, str] = remote.stats["epoch_choices"]
+        assert set(choices.values()) == {"http", "soda"}
+        by_soda = sum(n for d, n in planned.items() if choices[d] == "soda")
+        assert served[("cutout", 303)] + served[("cutout", 422)] == by_soda
+        assert choices == {d: "http" if n > 1 else "soda" for d, n in planned.items()}
+    assert remote.report.images_opened == len(stamps)
+
+
+def test_remote_token_never_reaches_storage(server: ServerHandle, remote: Remote) -> None:
+    """Storage and results URLs are asked without the token; the services with it."""
+    assert_token_only_on_services(server)
+
+
+# ---- plan, resume, failures -------------------------------------------------------------
+
+
+def test_plan_over_a_remote_source_shows_the_lookup(
+    tmp_path: Path,
+    tiny_epochs: Repository,
+    targets: Columns,
+    server: ServerHandle,
+    local: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``harvester plan --source soda``: the catalogue's line, the local run's stamps."""
+    csv = tmp_path / "t.csv"
+    rows = zip(targets["id"], targets["ra"], targets["dec"], strict=True)
+    csv.write_text("id,ra,dec\n" + "".join(f"{i},{float(r)!r},{float(d)!r}\n" for i, r, d in rows))
+    args = ["plan", "--repo", str(tiny_epochs.root), "--targets", str(csv)]
+    args += ["--images", "visit_image,difference_image", "--bands", "g", "--size", str(SIDE)]
+    args += ["--source", "soda", "--service-url", server.base_url, "--token", TOKEN]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    lines = {ln.split(None, 1)[0]: ln for ln in text.splitlines() if ln.strip()}
+    assert "catalogue" in lines and "index" in lines["catalogue"], text
+    assert f"stamps             {len(_pairs(local))} " in text, text
+
+
+def test_remote_resume_after_an_interruption(
+    tmp_path: Path, tiny_epochs: Repository, targets: Columns, server: ServerHandle, local: Path
+) -> None:
+    """A SODA run cancelled a third of the way, run again, equals the local run; the
+    second run asks SODA only for the pairs the first did not finish."""
+    config = _remote(tiny_epochs, tmp_path, "soda", server.base_url, concurrency=1)
+
+    async def interrupted() -> None:
+        with anyio.CancelScope() as scope:
+
+            def progress(done: int, total: int) -> None:
+                if done >= total // 3:
+                    scope.cancel()
+
+            await _harvest(config, targets, progress=progress)
+
+    anyio.run(interrupted)
+    first = _pairs(tmp_path)
+    assert 0 < len(first) < len(_pairs(local))
+    before = Counter(server.stats)
+    again, _ = anyio.run(_harvest, config, targets)
+    asked = server.stats[("cutout", 303)] + server.stats[("cutout", 422)]
+    asked -= before[("cutout", 303)] + before[("cutout", 422)]
+    assert asked == again.processed == len(_pairs(local)) - len(first)
+    assert again.skipped == len(first)
+    assert _pairs(tmp_path) == _pairs(local)
+    assert _fits_content(tmp_path) == _fits_content(local)
+    assert _stack_rows(tmp_path) == _stack_rows(local)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("source", ["soda", "http"])
+def test_a_failing_epoch_image_is_recorded_failed(
+    tmp_path: Path, tiny_epochs: Repository, targets: Columns, local: Path, source: str
+) -> None:
+    """One visit file gone from the server (its catalogue still lists it): its pairs
+    are in the ledger as failed, with the image named; every other pair is the local
+    run's."""
+    want = _pairs(local)
+    stamps = Counter(d for (_, d), (s, _) in want.items() if s == "ok")
+    gone = stamps.most_common(1)[0][0]
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_epochs.root, root, copy_function=_link)
+    ref = next(r for r in tiny_epochs.epochs if r.id == gone)
+    (root / ref.path).unlink()
+    broken = dataclasses.replace(tiny_epochs, root=root)
+    out = tmp_path / "out"
+    with serve_in_thread(broken, settings()) as srv:
+        config = _remote(broken, out, source, srv.base_url)
+        report, _ = anyio.run(_harvest, config, targets, ONE_RETRY)
+    got = _pairs(out)
+    assert set(got) == set(want)
+    failed = {k for k, (s, _) in got.items() if s == "failed"}
+    assert failed == {k for k in want if k[1] == gone}
+    assert {k: v for k, v in got.items() if k not in failed} == {
+        k: v for k, v in want.items() if k not in failed
+    }
+    assert report.epochs is not None and report.epochs.get("failed") == len(failed)
+    name = f"visit {ref.visit} detector {ref.detector}"
+    assert any(name in line for line in report.lines()), report.lines()
+
+
+def _link(src: str, dst: str) -> None:
+    Path(dst).symlink_to(src)
