@@ -11,6 +11,7 @@ Requests are counted on the server, never timed.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import shutil
 from collections import Counter
@@ -32,6 +33,9 @@ from harvester.masks import NO_DATA
 from harvester.repo import Repository
 from harvester.report import Report
 from harvester.service import ServerHandle, serve_in_thread
+from harvester.service._cutout import Stencil, make_cutout
+from harvester.service._geometry import make_circle
+from harvester.service._open_images import OpenImages
 from harvester.synth import AgnList
 
 from .test_epoch_engine import (
@@ -285,3 +289,41 @@ def test_a_failing_epoch_image_is_recorded_failed(
 
 def _link(src: str, dst: str) -> None:
     Path(dst).symlink_to(src)
+
+
+# ---- the service's open images ----------------------------------------------------------
+
+
+def test_soda_keeps_images_open_between_cutouts(tmp_path: Path, tiny_epochs: Repository) -> None:
+    """Cutouts through :class:`OpenImages` are byte for byte those of a freshly opened
+    file; a file is opened once while kept, again once changed on disk, at most
+    ``capacity`` stay open, and a file gone raises ``OSError`` (the route's 500)."""
+    refs = sorted(tiny_epochs.epochs, key=lambda r: r.id)[:3]
+    paths = []
+    for ref in refs:  # copies: one is changed below
+        paths.append(tmp_path / f"{ref.id}.fits")
+        shutil.copyfile(tiny_epochs.root / ref.path, paths[-1])
+    images = OpenImages(capacity=2)
+
+    def cut(i: int, cache: OpenImages | None) -> bytes:
+        ref = refs[i]
+        centre = np.mean(np.array(ref.polygon), axis=0)
+        stencil = Stencil(circle=make_circle([float(centre[0]), float(centre[1]), 0.001]))
+        return make_cutout(paths[i], ref, None, "s", stencil, "MaskedImage", 500, 0.0, cache)
+
+    for i in (0, 0, 1, 0):
+        assert cut(i, images) == cut(i, None)
+    assert (images.opens, images.hits) == (2, 2)
+    cut(2, images)  # evicts the least recently used: file 1
+    cut(1, images)
+    assert images.opens == 4
+    with fits.open(paths[1], mode="update") as hdul:
+        hdul["IMAGE"].data[:] = 7.0
+    assert cut(1, images) == cut(1, None)
+    assert images.opens == 5
+    with fits.open(io.BytesIO(cut(1, images))) as hdul:
+        assert (hdul["IMAGE"].data == 7.0).all()
+    paths[2].unlink()
+    with pytest.raises(OSError):
+        cut(2, images)
+    images.close()
