@@ -157,4 +157,8 @@ async def open_butler(
     )
     source = ButlerSource(repo, links, files)
     source.limiter = anyio.CapacityLimiter(config.fetch.concurrency)
+    if config.single_epoch:
+        from ._epoch_butler_source import ButlerEpochSource
+
+        return repo, ButlerEpochSource(config, source)  # type: ignore[return-value]
     return repo, source
