@@ -28,6 +28,8 @@ from astropy.wcs import WCS
 from harvester.cli import main
 from harvester.config import RunConfig
 from harvester.engine import Harvester
+from harvester.epochs import EpochBatch
+from harvester.epochs._batch import concat_epoch_batches
 from harvester.limits import RetryPolicy
 from harvester.masks import NO_DATA
 from harvester.repo import Repository
@@ -399,3 +401,34 @@ def test_butler_epoch_run_equals_the_local_run(
     assert stats["butler_queries"] == 2
     assert any(line.startswith("catalogue") and "butler" in line for line in quote), quote
     assert any(line.startswith("Butler queries") for line in quote), quote
+
+
+def test_joined_unit_parts_keep_the_image_wcs() -> None:
+    """A unit read in halves (failure isolation) whose first half has no stamp (a
+    SODA half whose circles all missed carries no WCS): the joined batch keeps the
+    WCS of the half with stamps, which the per-target files are made from."""
+    ref: Any = object()
+
+    def part(n: int, cards: list[Any]) -> EpochBatch:
+        z = np.zeros(n, np.int64)
+        return EpochBatch(
+            ref=ref,
+            index=np.arange(n, dtype=np.int64) + 5,
+            ids=np.array([f"t{i}" for i in range(n)]),
+            ra=z.astype(float),
+            dec=z.astype(float),
+            x0=z,
+            y0=z,
+            image=np.zeros((n, 1, 3, 3), np.float32),
+            variance=None,
+            mask=None,
+            coverage=np.ones(n),
+            empty=np.array([1, 2][: 2 - min(n, 2)], np.int64),
+            wcs_cards=cards,
+            scale_deg=1e-4,
+        )
+
+    cards = [("CRPIX1", 10.0, ""), ("CRPIX2", 20.0, "")]
+    joined = concat_epoch_batches([part(0, []), part(2, cards)])
+    assert list(joined.wcs_cards) == cards and len(joined) == 2
+    assert joined.empty.tolist() == [1, 2]
