@@ -3,8 +3,8 @@
 (a) DMS-REQ-0375 on the twin: all epochs of one target, 51 px, through ``harvester
     serve`` with 50 ms latency, against the 10 s requirement and against one SODA
     request per epoch at the quota (``_epochs_dms.py``). The peers (pyvo as the
-    tutorials do it; aiohttp, concurrent, at the quota) are measured; harvester's
-    own side is a hook (``_epochs_dms.engine_all_epochs``) FOR THE ENGINE OVER EPOCHS.
+    tutorials do it; aiohttp, concurrent, at the quota) and harvester's engine
+    (``_epochs_dms.engine_all_epochs``, ``--source http`` and ``--source soda``).
 (b) Bulk local: many targets x all epochs, stamps/s against numpy slicing of the
     same visit files in the same run (goal: at least half of it), each image opened
     once: ``--part b``, see ``benchmarks/_epochs_bulk.py``.

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,10 @@ from typing import Any
 import h5py
 import numpy as np
 import numpy.typing as npt
-from astropy.io import fits
 
+from ._epoch_headers import EpochHeaders
 from .config import RunConfig
-from .epochs import EpochRef, TargetEpochs
+from .epochs import TargetEpochs
 from .epochs._batch import Card
 from .errors import ConfigError
 from .ledger import Ledger
@@ -50,7 +50,6 @@ from .sinks.epoch_fits import EpochFitsWriter
 from .sinks.epoch_stack import EPOCH_ROW, EpochStackSink
 from .sinks.stack import PARTS
 from .skymap import SkyMap
-from .sources._epoch_read import image_wcs_cards
 from .targets import Targets
 
 __all__ = [
@@ -167,20 +166,10 @@ def write_target_outputs(
 # ---- the image WCS of each epoch -------------------------------------------------------
 
 
-def header_texts(repo: Repository) -> Any:
+def header_texts(repo: Repository, out: Path | None = None) -> Any:
     """A function giving each image's header WCS as FITS header text, by dataset id
-    (for the epoch stack's ``images``)."""
-    by_id = {r.id: r for r in repo.epochs}
-
-    def texts(ids: Iterable[str]) -> dict[str, str]:
-        out = {}
-        for i in ids:
-            ref = by_id.get(i)
-            cards = [] if ref is None else image_wcs_cards(repo.root / ref.path)
-            out[i] = fits.Header([(k, v) for k, v, _ in cards]).tostring()
-        return out
-
-    return texts
+    (for the epoch stack's ``images``): :meth:`EpochHeaders.texts`."""
+    return EpochHeaders(repo, out).texts
 
 
 def stamp_wcs(cards: list[Card], x0: int, y0: int) -> dict[str, Any]:
@@ -230,9 +219,7 @@ def _gather(
     ra: float,
     dec: float,
     locs: list[tuple[str, int]],
-    headers: dict[str, list[Card]],
-    repo: Repository,
-    refs: Mapping[str, EpochRef],
+    headers: EpochHeaders,
 ) -> TargetEpochs:
     """A target's epochs from its (shard, row) places, in time order."""
     by_part: dict[str, list[int]] = defaultdict(list)
@@ -263,9 +250,6 @@ def _gather(
         return np.char.decode(t[column], "utf-8").astype(str)
 
     ids = text("dataset_id").tolist()
-    for i in ids:
-        if i not in headers:
-            headers[i] = image_wcs_cards(repo.root / _ref(refs, repo.root, i).path)
     image = plane("image")
     if image is None:
         image = np.zeros((0, 0, 0), np.float32)
@@ -277,7 +261,7 @@ def _gather(
         mask=plane("mask"),
         variance=plane("variance"),
         wcs=[
-            stamp_wcs(headers[i], int(x), int(y))
+            stamp_wcs(headers.cards(i), int(x), int(y))
             for i, x, y in zip(ids, t["x0"].tolist(), t["y0"].tolist(), strict=True)
         ],
         x0=t["x0"].astype(np.int64),
@@ -293,17 +277,6 @@ def _gather(
         status=text("status"),
         dataset_id=np.array(ids, dtype=str),
     )
-
-
-def _ref(refs: Mapping[str, EpochRef], root: Path, dataset_id: str) -> EpochRef:
-    """The repository's epoch image of a dataset id the ledger names."""
-    ref = refs.get(dataset_id)
-    if ref is None:
-        raise ConfigError(
-            f"{root}: the ledger names image {dataset_id}, which the repository's index "
-            "no longer lists; use another output folder or --fresh"
-        )
-    return ref
 
 
 def _digest(dataset_ids: list[str]) -> str:
@@ -333,11 +306,12 @@ def finish_epochs(
     targets: Targets,
     pending: npt.NDArray[np.bool_],
     run_id: int,
+    headers: EpochHeaders | None = None,
 ) -> EpochSummary:
     """The end of a single-epoch run (blocking); see the module docstring.
 
     ``pending``: per target of ``targets``, whether this run's plan had pairs of it
-    it did not get to.
+    it did not get to; ``headers``: the run's image WCS store (made here if None).
     """
     assert config.output is not None
     out = config.output
@@ -365,11 +339,10 @@ def finish_epochs(
             "SELECT id, digest, output, status FROM epoch_outputs"
         )
     }
-    refs = {r.id: r for r in repo.epochs}
     shards = _Shards(out / PARTS)
     writers = TargetWriters(out, {"HRUN": str(run_id)}, skymap=repo.skymap)
     default_side = config.size.pixels(repo.skymap)
-    headers: dict[str, list[Card]] = {}
+    headers = headers or EpochHeaders(repo, out)
     records: list[tuple[Any, ...]] = []
     try:
         for i, tid in enumerate(targets.id.tolist()):
@@ -397,8 +370,6 @@ def finish_epochs(
                 float(targets.dec[i]),
                 [(p, r) for p, r, _ in mine],
                 headers,
-                repo,
-                refs,
             )
             side = int(targets.size[i]) if targets.size[i] > 0 else default_side
             try:

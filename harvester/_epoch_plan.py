@@ -63,6 +63,8 @@ class EpochQuote:
     files_in_repository: int
     #: Stamps per second of earlier runs in the output folder, if any.
     rate: float | None = None
+    #: How a remote source found the epoch images (its catalogue's queries).
+    lookup: tuple[str, ...] = ()
 
     @property
     def estimated_seconds(self) -> float | None:
@@ -82,12 +84,13 @@ class EpochQuote:
             f"bands              {''.join(self.bands)}",
             f"time               {window}",
             f"images to open     {self.files} (of {self.files_in_repository} single-epoch "
-            "files in the repository)",
+            f"files {'the catalogue found' if self.lookup else 'in the repository'})",
             f"stamps             {self.stamps} (target x image pairs the index found)",
             f"already done       {self.done} (resume)",
             f"partial coverage   {self.partial} stamps (index estimate; exact when read)",
             f"bytes to read      {_human(self.bytes_to_read)}",
             f"estimated time     {estimate}",
+            *self.lookup,
         ]
 
 
@@ -137,6 +140,8 @@ class EpochPlan:
     done: int = 0
     #: Where batch arrays come from (``sources.base.BufferPool``); None: fresh arrays.
     buffers: Any = None
+    #: How a remote source found the images (lines for the quote).
+    lookup: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -177,6 +182,7 @@ class EpochPlan:
             done=self.done,
             files_in_repository=len(self.refs),
             rate=None if ledger is None else epoch_rate(Path(ledger)),
+            lookup=self.lookup,
         )
 
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from ._epoch_outputs import header_texts
+from ._epoch_headers import EpochHeaders
 from ._epoch_plan import EpochPlan, make_epoch_plan
 from ._epoch_records import epoch_failures, epoch_results
 from ._resume import Resumed
@@ -38,12 +38,15 @@ from .errors import ConfigError
 from .ledger import BatchRecord, Ledger, Recorder, Results
 from .repo import Repository
 from .sinks.epoch_stack import EpochStackSink
+from .targets import Targets
 
 __all__ = [
+    "EpochCatalogSource",
     "EpochRunState",
     "EpochSource",
     "check_epoch_source",
     "done_pairs",
+    "find_epochs",
     "prepare_epochs",
     "read_epochs",
     "write_unit",
@@ -52,26 +55,58 @@ __all__ = [
 
 @runtime_checkable
 class EpochSource(Protocol):
-    """A source that reads single-epoch units (the local source does)."""
+    """A source that reads single-epoch units (every source does)."""
 
     name: str
 
     async def read_epochs(self, plan: EpochPlan, spec: EpochSpec) -> EpochBatch: ...
 
 
-def check_epoch_source(config: RunConfig, source: object) -> None:
-    """Refuse a single-epoch run on a source that cannot read epoch units.
+@runtime_checkable
+class EpochCatalogSource(Protocol):
+    """A source whose epoch images come from a catalogue, not the repository's index:
+    a data service (SIA, ObsCore, its index) or a Butler."""
+
+    async def find_epochs(
+        self, repo: Repository, targets: Targets, config: RunConfig
+    ) -> Repository: ...
+
+    def lookup_lines(self) -> list[str]: ...
+
+
+async def find_epochs(
+    source: object, repo: Repository, targets: Targets, config: RunConfig
+) -> Repository:
+    """The repository a single-epoch run plans with: ``repo`` itself (its index lists
+    its epochs), or, for a source with a catalogue, ``repo`` with the epoch images the
+    catalogue finds for ``targets`` (a bounded number of queries)."""
+    if isinstance(source, EpochCatalogSource):
+        return await source.find_epochs(repo, targets, config)
+    return repo
+
+
+def check_epoch_source(config: RunConfig, source: object, distributed: bool = False) -> None:
+    """Refuse a single-epoch run on a source that cannot read epoch units, or that a
+    distributed run cannot send its workers.
 
     Raises
     ------
     ConfigError
         Naming the source and the image types.
     """
-    if config.single_epoch and not isinstance(source, EpochSource):
-        name = getattr(source, "name", type(source).__name__)
+    if not config.single_epoch:
+        return
+    name = getattr(source, "name", type(source).__name__)
+    if not isinstance(source, EpochSource):
         raise ConfigError(
             f"run.images {list(config.images)}: the {name!r} source cannot read single-epoch "
-            "images yet; use run.source = 'local'"
+            "images; use run.source = 'local'"
+        )
+    if distributed and isinstance(source, EpochCatalogSource):
+        raise ConfigError(
+            f"run.images {list(config.images)} with run.source = {name!r}: the dask engine "
+            "reads single-epoch images from the local source only (its workers plan from "
+            "the repository's index); run the remote source with run.engine = 'local'"
         )
 
 
@@ -117,6 +152,8 @@ class EpochRunState:
     recorded: npt.NDArray[np.int64]
     stamps: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The images' header WCS (kept in the output folder for remote images).
+    headers: EpochHeaders | None = None
 
     @classmethod
     def of(cls, plan: EpochPlan) -> EpochRunState:
@@ -146,6 +183,7 @@ class EpochRunState:
     ) -> EpochStackSink:
         """The epoch stack's sink: shards sized for this run's pairs."""
         plan = self.plan
+        self.headers = EpochHeaders(repo, out)
         side = plan.side[plan.target]
         sides, counts = np.unique(side, return_counts=True)
         rows = {(int(s), int(s)): int(c) for s, c in zip(sides, counts, strict=True)}
@@ -157,7 +195,7 @@ class EpochRunState:
             writers=config.fetch.concurrency,
             tag=part_tag,
             id_width=id_width,
-            headers=header_texts(repo),
+            headers=self.headers.texts,
         )
         sink.open()
         return sink
@@ -204,6 +242,8 @@ def write_unit(
     failed: list[tuple[str, str]] = []
     finished = result.finished
     if batch is not None:
+        if state.headers is not None and len(batch):
+            state.headers.save(ref, batch.wcs_cards)  # before the rows that need it
         seen += [batch.index, batch.empty]
         empty_ids = t.id[batch.empty].tolist()
         if positions is not None:  # positions in the list, as the ledger names them

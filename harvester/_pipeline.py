@@ -458,6 +458,7 @@ class HarvestRun:
                         self.plan.targets,
                         self.epochs.pending(),
                         ledger.run_id or 0,
+                        self.epochs.headers,
                     )
                     outputs.update(epochs.outputs)
                     self.failures += epochs.failures

@@ -290,7 +290,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     async def quote() -> list[str]:
         async with Harvester(config) as h:
-            plan = h.epoch_plan() if config.single_epoch else h.plan()
+            plan = await h.aepoch_plan() if config.single_epoch else h.plan()
             lines = plan.quote(ledger).lines()
             bad = plan.targets.bad
             if bad:

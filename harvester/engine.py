@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 
 from ._epoch_outputs import check_epoch_outputs
 from ._epoch_plan import EpochPlan, make_epoch_plan
-from ._epoch_run import check_epoch_source, done_pairs
+from ._epoch_run import EpochCatalogSource, check_epoch_source, done_pairs, find_epochs
 from ._pipeline import MAX_BATCH_BYTES, BatchResult, HarvestRun, ProgressHook, RunContext
 from ._tap_targets import load_query_targets, query_text
 from .config import RunConfig
@@ -233,8 +233,34 @@ class Harvester:
         """The plan of a single-epoch run: every (target, image) pair the footprint
         index finds for ``run.images``, ``run.bands`` and ``run.time``, grouped into
         units per image, and :meth:`EpochPlan.quote`. Without the pairs the output
-        folder's ledger has done (blocking; the ledger is only read)."""
-        t = self.load(targets)
+        folder's ledger has done (blocking; the ledger is only read).
+
+        Raises
+        ------
+        ConfigError
+            For a source whose epochs come from a catalogue (a service, a Butler):
+            use :meth:`aepoch_plan`.
+        """
+        if isinstance(self._source, EpochCatalogSource):
+            raise ConfigError(
+                f"the {self.config.source!r} source finds epochs through its catalogue: "
+                "use `await h.aepoch_plan()`"
+            )
+        return self._epoch_plan(self.load(targets))
+
+    async def aepoch_plan(self, targets: TargetSource | Targets | None = None) -> EpochPlan:
+        """:meth:`epoch_plan` for every source: a remote one's catalogue is asked for
+        the targets' epoch images first (its lines in the quote); planning runs in a
+        worker thread."""
+        t = await self.aload(targets)
+        source: object = self._source
+        self._repo = await find_epochs(source, self.repo, t, self.config)
+        plan = await anyio.to_thread.run_sync(self._epoch_plan, t)
+        if isinstance(source, EpochCatalogSource):
+            plan.lookup = tuple(source.lookup_lines())
+        return plan
+
+    def _epoch_plan(self, t: Targets) -> EpochPlan:
         done: list[tuple[str, str]] = []
         ledger = None if self.config.output is None else self.config.output / "ledger.sqlite"
         if ledger is not None and ledger.is_file():
@@ -306,9 +332,12 @@ class Harvester:
             )
         source = self._source
         if self.config.single_epoch:
-            _check_epoch_run(self.config, source, recycle)
+            _check_epoch_run(self.config, source, recycle, self._dask is not None)
         t0 = time.perf_counter()
         loaded = await self.aload(targets)
+        if self.config.single_epoch:
+            # A remote source's catalogue: the epoch images these targets need.
+            self._repo = await find_epochs(source, self.repo, loaded, self.config)
         run = await anyio.to_thread.run_sync(HarvestRun.prepare, self.context, loaded, recycle)
         send, receive = anyio.create_memory_object_stream[CutoutBatch](1)
         scope = anyio.CancelScope()
@@ -341,7 +370,7 @@ class Harvester:
                 stats.report = await anyio.to_thread.run_sync(run.finish, t0, opened)
 
 
-def _check_epoch_run(config: RunConfig, source: Source, recycle: bool) -> None:
+def _check_epoch_run(config: RunConfig, source: Source, recycle: bool, dask: bool) -> None:
     """What a single-epoch run needs: run() (its per-target outputs are made at the
     end, from every epoch), an output folder, a source that reads epoch units."""
     if not recycle:
@@ -351,7 +380,7 @@ def _check_epoch_run(config: RunConfig, source: Source, recycle: bool) -> None:
         )
     if config.output is None:
         raise ConfigError("a single-epoch run (run.images) needs an output folder (run.output)")
-    check_epoch_source(config, source)
+    check_epoch_source(config, source, dask)
     check_epoch_outputs(config)
 
 

@@ -130,7 +130,9 @@ def concat_epoch_batches(batches: Sequence[EpochBatch]) -> EpochBatch:
     """One batch of the parts of a unit (all of one image), in order."""
     if len(batches) == 1:
         return batches[0]
-    first = batches[0]
+    # The image's WCS from a part with stamps: a part without any (every target off
+    # the detector, e.g. a SODA half whose circles all missed) may carry none.
+    first = next((b for b in batches if len(b)), batches[0])
 
     def cat(name: str) -> Any:
         values = [getattr(b, name) for b in batches]

@@ -269,6 +269,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await sweeper
         state.executor.shutdown(wait=False, cancel_futures=True)
         state.executor = None
+        state.images.close()  # waits for a cutout still cutting from one
 
 
 def create_app(repo: Repository, settings: ServiceSettings | None = None) -> web.Application:

@@ -37,6 +37,7 @@ from ..skymap import TractWcs
 from ..wcsheader import window_cards
 from ._geometry import Circle, Polygon, circle_boundary, unit_vectors
 from ._ids import ServedRef
+from ._open_images import OpenImage, OpenImages
 
 __all__ = [
     "CUTOUT_DETAILS",
@@ -130,15 +131,16 @@ def _wcs(header: fits.Header) -> WCS:
         return WCS(header, naxis=2)
 
 
-def cutout_box(header: fits.Header, stencil: Stencil) -> Box:
-    """The box of a stencil on an image (see the module docstring).
+def cutout_box(header: fits.Header, stencil: Stencil, wcs: WCS | None = None) -> Box:
+    """The box of a stencil on an image (see the module docstring); ``wcs``: the
+    header's, if already made.
 
     Raises
     ------
     NoOverlap
     """
     width, height = int(header["NAXIS1"]), int(header["NAXIS2"])
-    wcs = _wcs(header)
+    wcs = _wcs(header) if wcs is None else wcs
     # Far from the image, TAN maps nothing sensible: test the bounding circles first.
     cx, cy = (
         np.array([(width - 1) / 2.0, -0.5, width - 0.5]),
@@ -212,12 +214,15 @@ def make_cutout(
     detail: str,
     max_side: int,
     now: float,
+    files: OpenImages | None = None,
 ) -> bytes:
     """The cutout FITS file as bytes.
 
     A coadd (``tract_wcs`` given) gets the tract WCS shifted to the box, as
     ``dax_images_cutout`` writes it; a single-epoch image (``tract_wcs`` None) keeps
-    its own header WCS, shifted to the box (:func:`shifted_header`).
+    its own header WCS, shifted to the box (:func:`shifted_header`). ``files``: the
+    service's open files (the file, its headers and WCS, kept between cutouts);
+    None: the file is opened for this cutout only.
 
     Raises
     ------
@@ -226,58 +231,77 @@ def make_cutout(
     OSError, KeyError, ValueError
         The file is unreadable (500).
     """
+    args = (ref, tract_wcs, skymap_name, stencil, detail, max_side, now)
+    if files is not None:
+        with files.use(path) as f:
+            return _cut(f, *args)
     with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
-        image_header = hdul["IMAGE"].header
-        box = cutout_box(image_header, stencil)
-        if box.width > max_side or box.height > max_side:
-            raise CutoutTooLarge(
-                f"Cutout of {box.width} x {box.height} pixels is larger than the limit of "
-                f"{max_side} pixels per side"
-            )
-        parent_x = -int(image_header.get("LTV1", 0))
-        parent_y = -int(image_header.get("LTV2", 0))
-        primary = fits.PrimaryHDU(header=hdul[0].header.copy())
-        h = primary.header
-        h.remove("EXTNAME", ignore_missing=True)
-        h["BTLRUUID"] = (
-            uuid.UUID(ref.id).hex,
-            "Butler dataset UUID of the source",
+        return _cut(OpenImage(hdul), *args)
+
+
+def _cut(
+    f: OpenImage,
+    ref: ServedRef,
+    tract_wcs: TractWcs | None,
+    skymap_name: str,
+    stencil: Stencil,
+    detail: str,
+    max_side: int,
+    now: float,
+) -> bytes:
+    """:func:`make_cutout` of an open file (its lock held)."""
+    hdul = f.hdul
+    image_header = f.image_header
+    box = cutout_box(image_header, stencil, f.wcs)
+    if box.width > max_side or box.height > max_side:
+        raise CutoutTooLarge(
+            f"Cutout of {box.width} x {box.height} pixels is larger than the limit of "
+            f"{max_side} pixels per side"
         )
-        h["BTLRNAME"] = (
-            ref.dataset_type,
-            "Butler dataset type of the source",
-        )
-        for n, (key, value) in enumerate(_data_id(ref, skymap_name)):
-            h[f"BTLRK{n:03d}"] = (key, f"Name of dimension {n} in the data ID.")
-            h[f"BTLRV{n:03d}"] = (value, f"Value of dimension {n} in the data ID.")
-        for key, value, comment in stencil.cards():
-            h[key] = (value, comment)
-        h["DATE-CUT"] = (
-            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
-            "[UTC] When this cutout was extracted",
-        )
-        h["CUTVERS"] = (f"harvester {__version__}", "Version of the cutout code")
-        hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [primary]
-        cards = (
-            window_cards(tract_wcs, parent_x + box.x0, parent_y + box.y0)
-            if tract_wcs is not None
-            else None
-        )
-        for name in CUTOUT_DETAILS[detail]:
-            try:
-                src = hdul[name]
-            except KeyError:
-                continue
-            data = np.asarray(src.section[box.y0 : box.y1 + 1, box.x0 : box.x1 + 1])
-            if cards is None:
-                header = shifted_header(src.header, box.x0, box.y0)
-            else:
-                header = src.header.copy()
-                for key in ("CHECKSUM", "DATASUM", "EXTNAME"):
-                    header.remove(key, ignore_missing=True)
-                for key, value, comment in cards:
-                    header[key] = (value, comment)
-            hdus.append(fits.ImageHDU(data=data, header=header, name=name))
+    parent_x = -int(image_header.get("LTV1", 0))
+    parent_y = -int(image_header.get("LTV2", 0))
+    primary = fits.PrimaryHDU(header=hdul[0].header.copy())
+    h = primary.header
+    h.remove("EXTNAME", ignore_missing=True)
+    h["BTLRUUID"] = (
+        uuid.UUID(ref.id).hex,
+        "Butler dataset UUID of the source",
+    )
+    h["BTLRNAME"] = (
+        ref.dataset_type,
+        "Butler dataset type of the source",
+    )
+    for n, (key, value) in enumerate(_data_id(ref, skymap_name)):
+        h[f"BTLRK{n:03d}"] = (key, f"Name of dimension {n} in the data ID.")
+        h[f"BTLRV{n:03d}"] = (value, f"Value of dimension {n} in the data ID.")
+    for key, value, comment in stencil.cards():
+        h[key] = (value, comment)
+    h["DATE-CUT"] = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
+        "[UTC] When this cutout was extracted",
+    )
+    h["CUTVERS"] = (f"harvester {__version__}", "Version of the cutout code")
+    hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [primary]
+    cards = (
+        window_cards(tract_wcs, parent_x + box.x0, parent_y + box.y0)
+        if tract_wcs is not None
+        else None
+    )
+    for name in CUTOUT_DETAILS[detail]:
+        try:
+            src = hdul[name]
+        except KeyError:
+            continue
+        data = np.asarray(src.section[box.y0 : box.y1 + 1, box.x0 : box.x1 + 1])
+        if cards is None:
+            header = shifted_header(src.header, box.x0, box.y0)
+        else:
+            header = src.header.copy()
+            for key in ("CHECKSUM", "DATASUM", "EXTNAME"):
+                header.remove(key, ignore_missing=True)
+            for key, value, comment in cards:
+                header[key] = (value, comment)
+        hdus.append(fits.ImageHDU(data=data, header=header, name=name))
     buf = io.BytesIO()
     fits.HDUList(hdus).writeto(buf)
     return buf.getvalue()

@@ -177,6 +177,7 @@ async def soda_sync(request: web.Request) -> web.StreamResponse:
             detail,
             settings.max_cutout_side,
             settings.clock(),
+            state.images,
         )
         try:
             data = await _run(state, job)

@@ -21,6 +21,7 @@ from ._connections import ConnectionGuard
 from ._faults import FaultInjector
 from ._ids import ServedRef
 from ._obscore import ObsCoreTable
+from ._open_images import OpenImages
 from ._results import ResultStore
 from ._settings import ServiceSettings
 from ._signing import Signer
@@ -79,6 +80,8 @@ class ServiceState:
     storage_with_authorization: int = 0
     #: Maps of the repository files served lately (see ``OpenFiles``).
     files: OpenFiles = field(default_factory=OpenFiles)
+    #: Image files SODA cut from lately, kept open (see ``OpenImages``).
+    images: OpenImages = field(default_factory=OpenImages)
     #: TAP (``settings.tap``): engine and jobs; ``tap.ready`` once it is up.
     tap: TapService | None = None
 

@@ -31,6 +31,7 @@ Dependency rule: :mod:`harvester.sinks.fits`, :mod:`harvester.epochs`, masks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -220,7 +221,8 @@ class EpochFitsWriter:
                 _card("MJD-AVG", mjd, "[d] MJD (TAI), middle of the exposure"),
                 self._fmt("TIMESYS", "TAI"),
                 self._fmt("EXPTIME", float(te.exptime[e])),
-                self._fmt("SEEING", float(te.seeing[e])),
+                # Unknown seeing (a Butler's registry has none): no card; NaN in EPOCHS.
+                self._fmt("SEEING", seeing) if math.isfinite(seeing := float(te.seeing[e])) else "",
                 _card("COVERAGE", float(te.coverage[e]), "Fraction of the stamp with data"),
                 _card("HIERARCH SOURCE ID", str(te.dataset_id[e]), "Source dataset id"),
             ]

@@ -24,7 +24,7 @@ from ..errors import HarvesterError, OutageError
 from ..limits import retryable
 from ..plan import BatchSpec, Plan
 from ..repo import DatasetRef
-from ._session import Session
+from ._session import ImageRef, Session
 from .base import HandleCache, ImageHandle, assemble_batch
 
 __all__ = ["Backend", "BatchSource", "Boxes", "needed_boxes", "pick_error"]
@@ -36,7 +36,7 @@ IntArray = npt.NDArray[np.int64]
 class Boxes:
     """The boxes one image must serve for a batch, PARENT pixels, in equal-size groups."""
 
-    ref: DatasetRef
+    ref: ImageRef
     groups: tuple[tuple[IntArray, IntArray, int, int], ...]  # (ys, xs, h, w)
 
     @property

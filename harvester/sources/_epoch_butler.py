@@ -24,6 +24,7 @@ Dependency rule: numpy, anyio, errors, :mod:`harvester.epochs`,
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,7 @@ from ._epoch_records import (
     finish_catalog,
     pixel_order,
 )
+from ._fits_header import read_hdus
 
 __all__ = ["DETECTOR_SIZES", "ButlerEpochFinder"]
 
@@ -93,9 +95,11 @@ class ButlerEpochFinder:
         self.butler = butler
         self.collections = list(collections)
         self.detector_size = dict(DETECTOR_SIZES if detector_size is None else detector_size)
+        self._given = set(self.detector_size) if detector_size is not None else set()
         self.queries = 0
         self.uri_calls = 0
         self._bulk = True
+        self._found: dict[str, Any] = {}  # dataset id -> the Butler's ref
 
     def _query(self, dataset_type: str, search: EpochSearch, region: SearchRegion) -> list[Any]:
         from lsst.daf.butler import Timespan
@@ -114,11 +118,12 @@ class ButlerEpochFinder:
         if search.time is not None:
             from astropy.time import Time
 
-            t0, t1 = search.time
-            where.append("visit.timespan OVERLAPS :t")
-            bind["t"] = Timespan(
-                Time(t0, format="mjd", scale="tai"), Time(t1, format="mjd", scale="tai")
+            t0, t1 = (
+                Time(t, format="mjd", scale="tai") if math.isfinite(t) else None
+                for t in search.time
             )
+            where.append("visit.timespan OVERLAPS :t")
+            bind["t"] = Timespan(t0, t1)  # None: an open end
         self.queries += 1
         refs: list[Any] = _call(
             f"query_datasets({dataset_type!r}, collections={self.collections})",
@@ -215,6 +220,8 @@ class ButlerEpochFinder:
                 got = self._query(dataset_type, search, region)
                 rows += len(got)
                 found.update((str(r.id), r) for r in got)
+        self._found.update(found)
+        self._probe_sizes(found)
         # Records first (no URI needed to filter), URIs for the images kept only.
         draft = {i: self._record(r, "") for i, r in found.items()}
         cat = finish_catalog(
@@ -224,6 +231,34 @@ class ButlerEpochFinder:
         refs = tuple(self._record(found[r.id], uris[r.id]) for r in cat.refs)
         access = {r.id: EpochAccess(url=uris[r.id]) for r in refs}
         return EpochCatalog(cat.source, refs, access, cat.regions, cat.queries, cat.rows)
+
+    def fresh_uris(self, ids: Sequence[str]) -> dict[str, str]:
+        """The files of images found before, asked of the Butler again (a refused or
+        expired presigned URL)."""
+        return self._uris([self._found[i] for i in ids])
+
+    def _probe_sizes(self, found: Mapping[str, Any]) -> None:
+        """Each instrument's detector size from the IMAGE header of one of its files,
+        when that file is local and no size was given (the registry has none)."""
+        first: dict[str, Any] = {}
+        for ref in found.values():
+            first.setdefault(str(ref.dataId["instrument"]), ref)
+        for instrument, ref in first.items():
+            if instrument in self._given:
+                continue
+            uri = self._uris([ref])[str(ref.id)]
+            if uri.startswith(("http://", "https://")):
+                continue  # a remote file: DETECTOR_SIZES
+            try:
+                cards = read_hdus(uri, ["IMAGE"])["IMAGE"].cards
+            except (OSError, KeyError):
+                continue  # read (and reported) with the unit
+            z = "Z" if cards.get("ZIMAGE") else ""
+            self.detector_size[instrument] = (
+                int(str(cards[f"{z}NAXIS1"])),
+                int(str(cards[f"{z}NAXIS2"])),
+            )
+            self._given.add(instrument)
 
     async def find(self, search: EpochSearch) -> EpochCatalog:
         """See :class:`~._epoch_catalogs.EpochFinder` (the Butler's calls in a thread)."""

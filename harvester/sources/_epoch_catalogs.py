@@ -253,6 +253,11 @@ SPECTRAL_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _dali(t: float) -> str:
+    """A number as DALI writes it (infinities ``-Inf``, ``+Inf``: an open end)."""
+    return repr(t) if math.isfinite(t) else ("+Inf" if t > 0 else "-Inf")
+
+
 def _band_middle(band: str) -> float:
     if band not in SPECTRAL_RANGES:
         raise ValueError(f"band {band!r} has no spectral range (known: {sorted(SPECTRAL_RANGES)})")
@@ -304,7 +309,7 @@ class SiaEpochFinder:
         params += [("BAND", repr(_band_middle(b))) for b in search.bands or ()]
         window = search.time_utc()
         if window is not None:
-            params.append(("TIME", f"{window[0]!r} {window[1]!r}"))
+            params.append(("TIME", " ".join(_dali(t) for t in window)))
         params.append(("MAXREC", str(self.maxrec)))
         return params
 
@@ -420,8 +425,10 @@ class ObsCoreEpochFinder:
         if search.bands:
             terms.append(f"lsst_band IN ({', '.join(repr(b) for b in search.bands)})")
         window = search.time_utc()
-        if window is not None:
-            terms.append(f"t_min < {window[1]!r} AND t_max > {window[0]!r}")
+        if window is not None and math.isfinite(window[1]):
+            terms.append(f"t_min < {window[1]!r}")
+        if window is not None and math.isfinite(window[0]):
+            terms.append(f"t_max > {window[0]!r}")
         return f"SELECT {', '.join(COLUMNS)} FROM ivoa.ObsCore WHERE {' AND '.join(terms)}"
 
     def _rows(self, query: str) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,16 @@ from ..masks import NO_DATA
 from ._fits_header import read_hdus
 from .base import ImageHandle
 
-__all__ = ["EpochHandles", "ImageInfo", "image_wcs_cards", "read_epoch_unit", "wcs_of"]
+__all__ = [
+    "EpochHandles",
+    "ImageInfo",
+    "StampPlaces",
+    "cut_stamps",
+    "image_wcs_cards",
+    "locate_stamps",
+    "read_epoch_unit",
+    "wcs_of",
+]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -132,8 +142,10 @@ class ImageInfo:
     built from them once (behind a lock: a WCS object is not shared safely between
     threads)."""
 
-    def __init__(self, path: Path, cards: Mapping[str, Any] | None = None) -> None:
-        self.cards = image_wcs_cards(path, cards)
+    def __init__(self, path: Path | None, cards: Mapping[str, Any] | None = None) -> None:
+        if path is None and cards is None:
+            raise ValueError("ImageInfo needs the IMAGE header's cards or the file")
+        self.cards = image_wcs_cards(path or Path(), cards)
         self.wcs = wcs_of(self.cards)
         self.lock = threading.Lock()
         cd = self.wcs.wcs.cd if self.wcs.wcs.has_cd() else self.wcs.pixel_scale_matrix
@@ -247,43 +259,91 @@ def _overlap(a0: IntArray, side: int, n: int) -> IntArray:
     return out
 
 
-def read_epoch_unit(
-    plan: EpochPlan, spec: EpochSpec, handles: EpochHandles, root: Path
+Group = tuple[IntArray, IntArray, int, int]
+
+
+@dataclass(frozen=True)
+class StampPlaces:
+    """Where a unit's stamps lie on its image (:func:`locate_stamps`).
+
+    ``got`` and ``empty``: positions in the unit's ``index`` of the targets whose box
+    touches the detector, and of those whose box misses it; for each of ``got``, the
+    stamp's origin ``x0``, ``y0`` (the image's 0-based pixels), its pixels on the
+    detector (``area``) and whether it lies wholly on it (``inside``).
+    """
+
+    side: int
+    width: int
+    height: int
+    got: IntArray
+    x0: IntArray
+    y0: IntArray
+    area: IntArray
+    empty: IntArray
+    inside: npt.NDArray[np.bool_]
+
+    def reads(self) -> list[Group]:
+        """The boxes :func:`cut_stamps` reads, ``(ys, xs, h, w)`` groups in the image's
+        pixels: the stamps wholly on the detector (one group), then the part on the
+        detector of each stamp over its edge (one group each). What a remote reader
+        must fetch before the cut."""
+        s = self.side
+        rows = np.flatnonzero(self.inside)
+        groups: list[Group] = []
+        if rows.size:
+            groups.append((self.y0[rows], self.x0[rows], s, s))
+        for k in np.flatnonzero(~self.inside).tolist():
+            x0, y0 = int(self.x0[k]), int(self.y0[k])
+            xa, xb = max(x0, 0), min(x0 + s, self.width)
+            ya, yb = max(y0, 0), min(y0 + s, self.height)
+            groups.append((np.array([ya]), np.array([xa]), yb - ya, xb - xa))
+        return groups
+
+
+def locate_stamps(
+    plan: EpochPlan, spec: EpochSpec, info: ImageInfo, width: int, height: int
+) -> StampPlaces:
+    """Every stamp of a unit on its image: all the unit's targets through the image's
+    header WCS at once, each box centred on ``floor(x + 0.5)``, its exact overlap
+    with the ``width`` x ``height`` detector."""
+    s = spec.side
+    t = plan.targets
+    x, y = info.pixels(t.ra[spec.index], t.dec[spec.index])
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    x0 = np.floor(np.where(bad, -1e9, x) + 0.5).astype(np.int64) - s // 2
+    y0 = np.floor(np.where(bad, -1e9, y) + 0.5).astype(np.int64) - s // 2
+    area = _overlap(x0, s, width) * _overlap(y0, s, height)
+    got = np.flatnonzero(area > 0)
+    x0, y0 = x0[got], y0[got]
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 + s <= width) & (y0 + s <= height)
+    empty = np.flatnonzero(area == 0)
+    return StampPlaces(s, width, height, got, x0, y0, area[got], empty, inside)
+
+
+def cut_stamps(
+    plan: EpochPlan, spec: EpochSpec, places: StampPlaces, handle: ImageHandle, info: ImageInfo
 ) -> EpochBatch:
-    """Read a unit's stamps (runs in a worker thread); see the module docstring."""
-    ref = spec.ref
+    """The unit's stamps cut from ``handle`` (blocking): the boxes wholly on the
+    detector in one gather per plane, those over its edge piece by piece, NaN and
+    ``NO_DATA`` beyond."""
     s = spec.side
     idx = spec.index
     t = plan.targets
-    handle = handles.acquire(ref)
-    try:
-        info = handles.info(ref, handle, root / ref.path)
-        x, y = info.pixels(t.ra[idx], t.dec[idx])
-        bad = ~(np.isfinite(x) & np.isfinite(y))
-        x0 = np.floor(np.where(bad, -1e9, x) + 0.5).astype(np.int64) - s // 2
-        y0 = np.floor(np.where(bad, -1e9, y) + 0.5).astype(np.int64) - s // 2
-        w, h = handle.width, handle.height
-        area = _overlap(x0, s, w) * _overlap(y0, s, h)
-        got = np.flatnonzero(area > 0)
-        x0, y0 = x0[got], y0[got]
-        n = len(got)
-        empty = np.empty if plan.buffers is None else plan.buffers.take
-        image = empty((n, 1, s, s), np.float32)
-        variance = empty((n, 1, s, s), np.float32) if "variance" in plan.planes else None
-        mask = empty((n, 1, s, s), np.int32) if "mask" in plan.planes else None
-        outs = {"image": image, "variance": variance, "mask": mask}
-        inside = (x0 >= 0) & (y0 >= 0) & (x0 + s <= w) & (y0 + s <= h)
-        rows = np.flatnonzero(inside)
-        for plane, arr in outs.items():
-            if arr is not None and rows.size:
-                handle.read_boxes(plane, rows, y0[rows], x0[rows], s, s, arr[:, 0])
-        for k in np.flatnonzero(~inside).tolist():
-            _read_edge(handle, outs, k, int(x0[k]), int(y0[k]), s)
-    finally:
-        handles.release(ref)
-    keep = idx[got]
+    x0, y0, n = places.x0, places.y0, len(places.got)
+    empty = np.empty if plan.buffers is None else plan.buffers.take
+    image = empty((n, 1, s, s), np.float32)
+    variance = empty((n, 1, s, s), np.float32) if "variance" in plan.planes else None
+    mask = empty((n, 1, s, s), np.int32) if "mask" in plan.planes else None
+    outs = {"image": image, "variance": variance, "mask": mask}
+    rows = np.flatnonzero(places.inside)
+    for plane, arr in outs.items():
+        if arr is not None and rows.size:
+            handle.read_boxes(plane, rows, y0[rows], x0[rows], s, s, arr[:, 0])
+    for k in np.flatnonzero(~places.inside).tolist():
+        _read_edge(handle, outs, k, int(x0[k]), int(y0[k]), s, places.width, places.height)
+    keep = idx[places.got]
     return EpochBatch(
-        ref=ref,
+        ref=spec.ref,
         index=keep,
         ids=t.id[keep],
         ra=t.ra[keep],
@@ -293,17 +353,33 @@ def read_epoch_unit(
         image=image,
         variance=variance,
         mask=mask,
-        coverage=area[got].astype(np.float64) / (s * s),
-        empty=idx[area == 0],
+        coverage=places.area.astype(np.float64) / (s * s),
+        empty=idx[places.empty],
         wcs_cards=info.cards,
         scale_deg=info.scale_deg,
     )
 
 
-def _read_edge(handle: ImageHandle, outs: dict[str, Any], k: int, x0: int, y0: int, s: int) -> None:
+def read_epoch_unit(
+    plan: EpochPlan, spec: EpochSpec, handles: EpochHandles, root: Path
+) -> EpochBatch:
+    """Read a unit's stamps (runs in a worker thread); see the module docstring."""
+    ref = spec.ref
+    handle = handles.acquire(ref)
+    try:
+        info = handles.info(ref, handle, root / ref.path)
+        places = locate_stamps(plan, spec, info, handle.width, handle.height)
+        return cut_stamps(plan, spec, places, handle, info)
+    finally:
+        handles.release(ref)
+
+
+def _read_edge(
+    handle: ImageHandle, outs: dict[str, Any], k: int, x0: int, y0: int, s: int, w: int, h: int
+) -> None:
     """Stamp ``k`` over the detector's edge: NaN / NO_DATA, then the part on it."""
-    xa, xb = max(x0, 0), min(x0 + s, handle.width)
-    ya, yb = max(y0, 0), min(y0 + s, handle.height)
+    xa, xb = max(x0, 0), min(x0 + s, w)
+    ya, yb = max(y0, 0), min(y0 + s, h)
     one = np.zeros(1, dtype=np.int64)
     for plane, arr in outs.items():
         if arr is None:

@@ -130,7 +130,8 @@ class EpochSearch:
         None: every band.
     time : (float, float), optional
         MJD **TAI**, ``[t0, t1)``, overlapping each exposure's span (the Butler's
-        ``OVERLAPS``; ``FootprintIndex.active``). None: all times.
+        ``OVERLAPS``; ``FootprintIndex.active``); an end may be infinite (open).
+        None: all times.
     dataset_types : tuple of str
         Of ``visit_image``, ``difference_image``.
     cell_deg : float
@@ -226,11 +227,14 @@ class EpochSearch:
         return out
 
     def time_utc(self) -> tuple[float, float] | None:
-        """The window in MJD UTC (what SIA's TIME and ObsCore's times use)."""
+        """The window in MJD UTC (what SIA's TIME and ObsCore's times use); an open
+        end stays infinite."""
         if self.time is None:
             return None
-        lo, hi = utc_of_tai(self.time).tolist()
-        return float(lo), float(hi)
+        ends = np.array(self.time, dtype=np.float64)
+        finite = np.isfinite(ends)
+        ends[finite] = utc_of_tai(ends[finite])
+        return float(ends[0]), float(ends[1])
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import numpy.typing as npt
 
 from .._fits import PLANE_HDUS
 from ..errors import UsageError
-from ..repo import DatasetRef
 from ._fits_header import HduInfo
 from ._fits_layout import PlaneLayout, TiledLayout
+from ._session import ImageRef
 from .base import copy_boxes
 from .fits_ranges import ByteStore
 
@@ -33,7 +33,7 @@ __all__ = ["FileHandle", "RemoteImage", "decode_whole"]
 class RemoteImage:
     """What is known and held of one remote image file (shared by batches)."""
 
-    def __init__(self, ref: DatasetRef) -> None:
+    def __init__(self, ref: ImageRef) -> None:
         self.ref = ref
         self.lock = anyio.Lock()
         self.store = ByteStore()

@@ -14,7 +14,7 @@ Dependency rule: anyio, numpy, :mod:`harvester._fits`, :mod:`._batch`,
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -23,14 +23,13 @@ import numpy.typing as npt
 
 from .._fits import BLOCK, PLANE_HDUS
 from ..errors import HarvesterError, UsageError
-from ..repo import DatasetRef
 from ._batch import Boxes, pick_error
 from ._client import ExpiredUrl
 from ._fits_header import hdu_info, origin, parse_header
 from ._fits_layout import TILE_DECODING, PlaneLayout, TiledLayout, layout_of
 from ._image import FileHandle, RemoteImage, decode_whole
 from ._ranges import Fetched, RangeFetcher
-from ._session import Session
+from ._session import ImageRef, Session, image_name
 from .fits_ranges import Ranges, coalesce, plan_reads
 
 __all__ = ["FileReader"]
@@ -92,7 +91,7 @@ class FileReader:
         links = await self.session.links_for(image.ref)
         return self.ranges.cost(links.url).bytes if links.url else self.ranges.prior_cost
 
-    def _image(self, ref: DatasetRef) -> RemoteImage:
+    def _image(self, ref: ImageRef) -> RemoteImage:
         image = self._images.get(ref.id)
         if image is None:
             image = self._images[ref.id] = RemoteImage(ref)
@@ -130,6 +129,25 @@ class FileReader:
         self._trim()
         return handle
 
+    async def header(
+        self, ref: ImageRef, planes: tuple[str, ...]
+    ) -> tuple[Mapping[str, Any], tuple[int, int]]:
+        """Open an image (its headers; compressed planes' tile tables) without reading
+        pixels: the IMAGE header's cards and the plane's (height, width). What a
+        single-epoch unit needs to place its stamps before :meth:`prepare` fetches them.
+        """
+        image = self._image(ref)
+        async with image.lock:
+            if image.error is not None:
+                raise UsageError(str(image.error))
+            try:
+                await self._headers(image, planes)
+            except UsageError as exc:
+                image.error = exc
+                raise
+        cards = next(h.cards for h in image.hdus if h.name == "IMAGE")
+        return cards, image.shape
+
     def release(self, boxes: Boxes) -> None:
         pass
 
@@ -150,10 +168,7 @@ class FileReader:
         """``op(url)`` with the image's signed URL, refreshed once if refused."""
         links = await self.session.links_for(image.ref)
         if links.url is None:
-            raise UsageError(
-                f"DataLink has no file (#this) for the {image.ref.band} image of tract "
-                f"{image.ref.tract} patch {image.ref.patch}"
-            )
+            raise UsageError(f"DataLink has no file (#this) for the {image_name(image.ref)}")
         if image.size is None and links.size:
             image.size = links.size
         try:
@@ -246,8 +261,7 @@ class FileReader:
         await self._tables(image)
 
     def _name(self, image: RemoteImage) -> str:
-        r = image.ref
-        return f"{r.band} image of tract {r.tract} patch {r.patch}"
+        return image_name(image.ref)
 
     def _available(self, image: RemoteImage, pos: int) -> int:
         try:

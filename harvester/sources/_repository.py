@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import numpy as np
 
-from ..errors import ConfigError
+from ..epochs._refs import EpochRef, parse_epochs
+from ..errors import ConfigError, RepositoryError
 from ..repo import DatasetRef, Repository
 from ..skymap import SkyMap, SkyMapConfig
 from ._client import ServiceClient, safe_url
@@ -74,7 +75,10 @@ def repository_from_index(doc: Any, endpoints: Endpoints) -> RemoteRepository:
     """A complete :class:`RemoteRepository` from the service's repository index.
 
     The document is the repository's ``index.json`` (``skymap``, ``datasets``),
-    each dataset optionally with its IVOA ID (``did``/``obs_publisher_did``).
+    each dataset optionally with its IVOA ID (``did``/``obs_publisher_did``); its
+    ``epochs`` (single-epoch images, ``harvester serve``'s extension) become the
+    repository's :attr:`~harvester.repo.Repository.epochs`, each with its IVOA ID as
+    its ``path`` (what DataLink and SODA take; no server path is given).
 
     Raises
     ------
@@ -94,6 +98,7 @@ def repository_from_index(doc: Any, endpoints: Endpoints) -> RemoteRepository:
         datasets={},
         url=endpoints.base,
         dataset=endpoints.dataset,
+        epochs=_index_epochs(doc.get("epochs") or [], where),
     )
     for i, e in enumerate(doc["datasets"]):
         try:
@@ -113,6 +118,17 @@ def repository_from_index(doc: Any, endpoints: Endpoints) -> RemoteRepository:
         did = e.get("did") or e.get("obs_publisher_did") or e.get("publisher_did")
         repo.add(ref, str(did) if did else repo.did(ref))
     return repo
+
+
+def _index_epochs(entries: Any, where: str) -> tuple[EpochRef, ...]:
+    """The index's single-epoch images, each's IVOA id as its path."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: 'epochs' of the repository index is not a list")
+    try:
+        named = [e | {"path": str(e.get("obs_publisher_did") or e["id"])} for e in entries]
+        return tuple(parse_epochs(Path(where), named))
+    except (RepositoryError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: the repository index's epochs are malformed: {exc}") from exc
 
 
 def _polygon(s_region: str | None) -> tuple[tuple[float, float], ...]:

@@ -21,9 +21,11 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..limits import ClientLimits
 from ..plan import Plan
+from ..repo import DatasetRef
 from ._batch import BatchSource, Boxes
 from ._reader import FileReader
 from ._repository import RemoteRepository
+from .base import Source
 from .http import HttpSource
 from .remote import RemoteSession, open_session
 from .soda import CutoutReader, SodaSource
@@ -66,6 +68,7 @@ class CostModel:
 
     def __call__(self, plan: Plan, boxes: Boxes) -> str:
         ref = boxes.ref
+        assert isinstance(ref, DatasetRef)  # coadd boxes (epochs: ._epoch_remote)
         n = self.counts(plan).get((ref.tract, ref.patch), boxes.count)
         choice = "http" if n > self.threshold else "soda"
         self.choices[ref.id] = choice
@@ -90,8 +93,9 @@ class AutoSource(BatchSource):
 
 async def open_remote(
     config: RunConfig, limits: ClientLimits | None = None
-) -> tuple[RemoteRepository, BatchSource]:
-    """Discover the service, load its repository, and make the configured source.
+) -> tuple[RemoteRepository, Source]:
+    """Discover the service, load its repository, and make the configured source
+    (for a single-epoch run, a :class:`~._epoch_remote.RemoteEpochSource` over it).
 
     ``limits``: the client's limits (a distributed run's), else its own.
 
@@ -103,6 +107,7 @@ async def open_remote(
     s = config.service
     session = await open_session(s, limits, config.tap)
     source: BatchSource
+    files = None
     if config.source in ("http", "auto"):
         files = FileReader(
             session,
@@ -121,4 +126,8 @@ async def open_remote(
     else:
         await session.aclose()
         raise ConfigError(f"run.source {config.source!r} is not a remote source")
+    if config.single_epoch:
+        from ._epoch_remote import RemoteEpochSource
+
+        return session.repo, RemoteEpochSource(config, session, source, files)
     return session.repo, source

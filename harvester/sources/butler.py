@@ -36,6 +36,7 @@ from ._batch import BatchSource, Boxes, needed_boxes
 from ._client import ServiceClient
 from ._datalink import Links
 from ._reader import FileReader
+from ._session import ImageRef
 from .base import HandleCache, ImageHandle, assemble_batch
 from .local import open_path
 
@@ -53,7 +54,9 @@ class LocalFiles:
         return self.cache.opens
 
     async def prepare(self, boxes: Boxes, planes: tuple[str, ...]) -> ImageHandle:
-        return await anyio.to_thread.run_sync(self.cache.get, boxes.ref)
+        ref = boxes.ref
+        assert isinstance(ref, DatasetRef)  # coadd boxes
+        return await anyio.to_thread.run_sync(self.cache.get, ref)
 
     def release(self, boxes: Boxes) -> None:
         pass
@@ -74,14 +77,14 @@ class ButlerLinks:
     async def prepare(self, plan: Plan, spec: BatchSpec) -> None:
         pass  # the plan's URIs came in bulk with its queries
 
-    async def links_for(self, ref: DatasetRef) -> Links:
+    async def links_for(self, ref: ImageRef) -> Links:
         # Asked for on every request: a thread only when the Butler must be asked.
         url = self.lookup.fresh_uri(ref.id)
         if url is None:
             url = await anyio.to_thread.run_sync(self.lookup.uri, ref.id)
         return Links(id=ref.id, url=url, fetched=time.time())
 
-    def refresh(self, ref: DatasetRef) -> None:
+    def refresh(self, ref: ImageRef) -> None:
         self.lookup.invalidate(ref.id)
 
     def lookups(self) -> dict[str, int]:
@@ -154,4 +157,8 @@ async def open_butler(
     )
     source = ButlerSource(repo, links, files)
     source.limiter = anyio.CapacityLimiter(config.fetch.concurrency)
+    if config.single_epoch:
+        from ._epoch_butler_source import ButlerEpochSource
+
+        return repo, ButlerEpochSource(config, source)  # type: ignore[return-value]
     return repo, source

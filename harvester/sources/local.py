@@ -215,7 +215,11 @@ def open_epoch(repo: Repository, ref: EpochRef) -> ImageHandle:
     TransientError, RepositoryError
         As :func:`open_path` (the image named by dataset type, visit and detector).
     """
-    path = repo.root / ref.path
+    return open_epoch_file(ref, repo.root / ref.path)
+
+
+def open_epoch_file(ref: EpochRef, path: Path) -> ImageHandle:
+    """:func:`open_epoch` of a file anywhere (a Butler's datastore)."""
     what = f"{ref.dataset_type} of visit {ref.visit} detector {ref.detector}"
     try:
         return CompressedHandle(ref, path) if ref.compressed else MemmapHandle(ref, path)

@@ -48,6 +48,7 @@ from ._client import RefusedError, ServiceClient
 from ._datalink import LinkResolver, Links
 from ._discovery import Endpoints, discover
 from ._repository import RemoteRepository, SiaResolver, repository_from_index
+from ._session import ImageRef, image_name
 from ._votable import fault
 
 __all__ = ["REMOTE_RETRY", "RemoteSession", "open_session"]
@@ -120,7 +121,17 @@ class RemoteSession:
         ]
         await self.links.resolve([self.repo.did(r) for r in refs])
 
-    async def links_for(self, ref: DatasetRef) -> Links:
+    def did(self, ref: ImageRef) -> str:
+        """The IVOA id DataLink and SODA take for an image (a single-epoch image's
+        catalogue keeps it as its ``path``)."""
+        if isinstance(ref, DatasetRef):
+            return self.repo.did(ref)
+        if ref.path.startswith("ivo://"):
+            return ref.path
+        dataset = self.repo.dataset
+        return f"ivo://org.rubinobs/usdac/lsst-{dataset}?repo={dataset}&id={ref.id}"
+
+    async def links_for(self, ref: ImageRef) -> Links:
         """Fresh links of one image.
 
         Raises
@@ -128,17 +139,15 @@ class RemoteSession:
         UsageError, TransientError
             DataLink has an error row for the image (NotFoundFault, TransientFault...).
         """
-        did = self.repo.did(ref)
+        did = self.did(ref)
         links = (await self.links.resolve([did]))[did]
         if links.error:
-            raise fault(
-                f"DataLink {ref.band} image of tract {ref.tract} patch {ref.patch}", links.error
-            )
+            raise fault(f"DataLink {image_name(ref)}", links.error)
         return links
 
-    def refresh(self, ref: DatasetRef) -> None:
+    def refresh(self, ref: ImageRef) -> None:
         """Forget an image's links (its signed URL was refused)."""
-        self.links.invalidate(self.repo.did(ref))
+        self.links.invalidate(self.did(ref))
 
     def lookups(self) -> dict[str, int]:
         """DataLink posts, SIA queries and ObsCore (TAP) queries so far."""

@@ -31,12 +31,19 @@ from .._fits import PLANE_HDUS
 from ..errors import HarvesterError, TransientError, UsageError
 from ..repo import DatasetRef
 from ._batch import BatchSource, Boxes, pick_error
-from ._client import safe_url
+from ._client import ServiceClient, safe_url
 from ._datalink import SodaService
 from ._fits_header import origin
 from .remote import RemoteSession
 
-__all__ = ["INSET", "CutoutHandle", "CutoutReader", "SodaSource", "box_polygons"]
+__all__ = [
+    "INSET",
+    "CutoutHandle",
+    "CutoutReader",
+    "SodaSource",
+    "box_polygons",
+    "sync_cutout",
+]
 
 #: Pixels the polygon's corners are moved into the box from its outer edges.
 INSET = 0.4
@@ -146,6 +153,7 @@ class CutoutReader:
 
     async def prepare(self, boxes: Boxes, planes: tuple[str, ...]) -> CutoutHandle:
         ref = boxes.ref
+        assert isinstance(ref, DatasetRef)  # coadd boxes (epochs: ._epoch_soda)
         links = await self.session.links_for(ref)
         if links.cutout is None:
             raise UsageError(
@@ -185,24 +193,11 @@ class CutoutReader:
         planes: tuple[str, ...],
     ) -> dict[str, Any]:
         assert service is not None
-        params = [(k, v) for k, v in service.params if k.upper() != "CUTOUTDETAIL"]
-        params += [("POLYGON", polygon), ("CUTOUTDETAIL", detail)]
-        r = await self.client.request("GET", service.url, service="cutout", params=params)
+        body, where = await sync_cutout(self.client, service, [("POLYGON", polygon)], detail)
         self.cutouts += 1
-        where = f"GET {safe_url(service.url)}"
-        if r.status in (301, 302, 303, 307, 308):
-            location = r.headers.get("Location")
-            if not location:
-                raise TransientError(f"{where}: {r.status} without a Location")
-            result = urljoin(service.url, location)
-            where = f"GET {safe_url(result)}"
-            # A signed result URL: never the token (ExpiredUrl retries the cutout).
-            r = await self.client.request("GET", result, service="results", auth=False)
-        if r.status == 204:
+        if body is None:
             raise UsageError(f"{where}: 204 (the box does not overlap the image)")
-        if r.status != 200:
-            raise TransientError(f"{where}: unexpected {r.status}")
-        return await anyio.to_thread.run_sync(_extract, r.body, item, planes, where)
+        return await anyio.to_thread.run_sync(_extract, body, item, planes, where)
 
     def statistics(self) -> dict[str, int]:
         """Images used and cutout requests made."""
@@ -213,6 +208,44 @@ class CutoutReader:
         for item in self._items(boxes):
             for detail in ("Image", "MaskedImage"):
                 self._done.pop((ref.id, detail, item), None)
+
+
+async def sync_cutout(
+    client: ServiceClient,
+    service: SodaService,
+    stencil: list[tuple[str, str]],
+    detail: str,
+) -> tuple[bytes | None, str]:
+    """One SODA sync cutout: the service's fixed parameters (its ID among them), the
+    ``stencil`` and ``CUTOUTDETAIL``; the RSP's ``303`` followed to the signed result
+    without the token (counted against no quota), or a standard ``200``. Returns the
+    FITS body (None for a standard ``204``: no overlap) and the request, for messages.
+
+    Raises
+    ------
+    TransientError
+        As the client raises, and for an answer that is neither 200, 204 nor a
+        redirect with a Location.
+    RefusedError
+        A 4xx (the RSP's 422 ``UsageError`` for a stencil off the image among them).
+    """
+    params = [(k, v) for k, v in service.params if k.upper() != "CUTOUTDETAIL"]
+    params += [*stencil, ("CUTOUTDETAIL", detail)]
+    r = await client.request("GET", service.url, service="cutout", params=params)
+    where = f"GET {safe_url(service.url)}"
+    if r.status in (301, 302, 303, 307, 308):
+        location = r.headers.get("Location")
+        if not location:
+            raise TransientError(f"{where}: {r.status} without a Location")
+        result = urljoin(service.url, location)
+        where = f"GET {safe_url(result)}"
+        # A signed result URL: never the token (ExpiredUrl retries the cutout).
+        r = await client.request("GET", result, service="results", auth=False)
+    if r.status == 204:
+        return None, where
+    if r.status != 200:
+        raise TransientError(f"{where}: unexpected {r.status}")
+    return r.body, where
 
 
 class SodaSource(BatchSource):
