@@ -165,7 +165,7 @@ def peer_aiohttp(
     async def main() -> dict[str, Any]:
         # The quota is a per-minute window: a user may send it all at once, then wait.
         # A token bucket with the quota as its burst does that (harvester's own
-        # client paces evenly instead: cutout_per_minute, off here).
+        # client reads the server's X-RateLimit headers instead: off here).
         config = ServiceConfig(
             url=url, token=TOKEN, cutout_per_minute=0, connections_per_host=in_flight
         )

@@ -647,6 +647,9 @@ def soda(targets: Any, args: argparse.Namespace) -> dict[str, Any]:
                 source="soda",
                 log=log,
                 cutout_per_minute=per_minute,
+                # Even pacing, whose rate this part measures; the default
+                # (quota_burst) fills each server window at its start instead.
+                quota_burst=False,
             ),
         )
     cut = [(t, s) for t, svc, s in log if svc == "cutout"]

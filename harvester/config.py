@@ -66,6 +66,9 @@ The ``[service]`` section (all keys optional)::
                                       # once), "auto" (index if offered)
     cutout_per_minute = 35            # SODA quota per user (0: none)
     sia_per_minute = 70               # SIA quota per user (0: none)
+    quota_burst = true                # spend what the server's X-RateLimit headers
+                                      # say is left of its window at once (false:
+                                      # pace evenly at the quota; one process only)
     connections_per_host = 8          # requests in flight per host
     multirange = "auto"               # multi-range requests: "on", "off", or "auto"
                                       # (probe each storage host once)
@@ -114,6 +117,7 @@ from ._config_keys import (
     _COLUMN_KEYS,
     BadValue,
     _choice,
+    _flag,
     _instance,
     _int,
     _Key,
@@ -248,6 +252,7 @@ class ServiceConfig:
         "lookup": _choice("auto", "index", "sia", "obscore"),
         "cutout_per_minute": _num(0),
         "sia_per_minute": _num(0),
+        "quota_burst": _flag(),
         "connections_per_host": _int(1),
         "multirange": _choice("auto", "on", "off", read=_on_off),
         "timeout_connect": _num(0, above=True),
@@ -266,6 +271,7 @@ class ServiceConfig:
     lookup: Literal["auto", "index", "sia", "obscore"] = "auto"
     cutout_per_minute: float = 35.0
     sia_per_minute: float = 70.0
+    quota_burst: bool = True
     connections_per_host: int = 8
     multirange: Literal["auto", "on", "off"] = "auto"
     timeout_connect: float = 10.0

@@ -436,6 +436,11 @@ class ClientLimits:
     cluster, and each worker a share of the requests in flight per host.
     """
 
+    #: Whether a service's ``X-RateLimit-*`` headers may let requests skip the even
+    #: pacing of its quota (``service.quota_burst``): true where this client is the
+    #: only one spending the quota; a cluster's workers cannot see each other's.
+    quota_headers_suffice: bool = True
+
     def rate(self, service: str, per_second: float) -> RateGate:
         """The limiter of ``service`` (``per_second``: its quota; 0 = none)."""
         return AdaptiveRateLimiter(ceiling=per_second)

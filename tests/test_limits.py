@@ -331,3 +331,50 @@ async def test_halves_run_concurrently() -> None:
     assert sorted(out.results) == [(1,), (2,)]
     assert out.result_attempts == [2, 2]
     assert out.failures == []
+
+
+async def test_quota_headers_vouch_for_a_window_and_a_probe_learns_it() -> None:
+    """service.quota_burst: one request learns the window, then its room is spent at once."""
+    from harvester.sources._client import _Quota
+
+    clock = [1000.0]
+    q = _Quota(per_minute=60.0)
+    assert await q.wait(lambda: clock[0], burst=True) is False  # the probe: nothing known
+    got: list[bool] = []
+
+    async def second() -> None:
+        got.append(await q.wait(lambda: clock[0], burst=True))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        await anyio.sleep(0.05)
+        assert got == []  # waits for the probe's answer instead of going out blind
+        headers = {
+            "X-RateLimit-Remaining": "3",
+            "X-RateLimit-Reset": "1060",
+            "X-RateLimit-Limit": "4",
+            "X-RateLimit-Used": "1",
+        }
+        q.done(headers, clock[0])
+    assert got == [True]
+    assert [await q.wait(lambda: clock[0], burst=True) for _ in range(2)] == [True, True]
+    with anyio.move_on_after(0.1) as scope:  # the window is spent: the next one waits
+        await q.wait(lambda: clock[0], burst=True)
+    assert scope.cancelled_caught
+    assert q.inflight == 3
+
+
+async def test_quota_without_headers_falls_back_to_pacing() -> None:
+    """A server that sends no X-RateLimit headers: requests go to the even pacing, all
+    at once, after the first answer says so (never one at a time)."""
+    from harvester.sources._client import _Quota
+
+    q = _Quota(per_minute=60.0)
+    assert await q.wait(lambda: 0.0, burst=True) is False
+    q.done({"Content-Type": "text/plain"}, 0.0)
+    assert q.headed is False
+    assert [await q.wait(lambda: 0.0, burst=True) for _ in range(5)] == [False] * 5
+    # Without burst nothing waits for a probe; without a quota neither.
+    assert await _Quota(per_minute=60.0).wait(lambda: 0.0) is False
+    free = _Quota()
+    assert [await free.wait(lambda: 0.0, burst=True) for _ in range(3)] == [False] * 3

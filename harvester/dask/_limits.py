@@ -179,6 +179,8 @@ class ClusterLimits(ClientLimits):
     share its quota and runs against two do not.
     """
 
+    quota_headers_suffice = False
+
     def __init__(self, scope: str, workers: int, reserve: Reserve, penalize: Penalize) -> None:
         self.scope = scope
         self.workers = max(1, workers)

@@ -166,6 +166,7 @@ class BatchSource:
             "statuses": {k: dict(v) for k, v in c.statuses.items()},
             "bytes_received": c.bytes_received,
             "token_sent": dict(c.token_sent),
+            "vouched": dict(c.vouched),
             **self.session.lookups(),
             "opens": self.opens,
             "backends": {name: b.statistics() for name, b in self.backends.items()},

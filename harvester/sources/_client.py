@@ -38,7 +38,7 @@ import anyio
 
 from ..config import ServiceConfig
 from ..errors import TransientError, UsageError
-from ..limits import CircuitBreaker, ClientLimits, HostLimits, RateGate
+from ..limits import AdaptiveRateLimiter, CircuitBreaker, ClientLimits, HostLimits, RateGate
 
 __all__ = [
     "ClientStats",
@@ -134,11 +134,19 @@ class ClientStats:
     statuses: dict[str, dict[str, int]] = field(default_factory=dict)
     bytes_received: int = 0
     token_sent: dict[str, int] = field(default_factory=dict)
+    #: Requests sent at once on the server's word (X-RateLimit-Remaining), by service.
+    vouched: dict[str, int] = field(default_factory=dict)
 
     def count(self, service: str, status: str) -> None:
         self.requests[service] = self.requests.get(service, 0) + 1
         by = self.statuses.setdefault(service, {})
         by[status] = by.get(status, 0) + 1
+
+
+def _at_ceiling(gate: RateGate) -> bool:
+    """Whether ``gate`` runs at its configured rate (not slowed by a 503), so the
+    server's quota headers may stand in for it; a cluster's gate never does."""
+    return isinstance(gate, AdaptiveRateLimiter) and gate.rate >= gate.ceiling
 
 
 class _Quota:
@@ -160,6 +168,9 @@ class _Quota:
         self.limit = 0
         self.opened: float | None = None  # by then (client clock) the window had begun
         self.inflight = 0
+        self._answered = anyio.Event()
+        #: Whether the server sends X-RateLimit headers (None: no answer yet).
+        self.headed: bool | None = None
 
     def end(self) -> float:
         """When the current window ends, as well as the client can tell."""
@@ -168,14 +179,42 @@ class _Quota:
         guess = self.opened + 60.0 * self.limit / self.per_minute
         return guess if self.reset - 1.0 < guess < self.reset else self.reset
 
-    async def wait(self, clock: Callable[[], float]) -> None:
-        while self.remaining is not None and self.remaining - self.inflight <= 0:
+    async def wait(self, clock: Callable[[], float], burst: bool = False) -> bool:
+        """Wait until the window allows one more request, and count it in flight.
+
+        Returns whether the server's headers vouch for it (the window has room for
+        it beside every request in flight). With ``burst`` (and a quota), while
+        nothing is known of the current window one request at a time goes out to
+        learn it, and the rest wait for its answer rather than go out blind; a
+        server that sends no headers is paced by the caller's even gate instead.
+        """
+        burst = burst and self.per_minute > 0
+        while True:
+            if self.remaining is None:
+                if not burst or self.inflight == 0 or self.headed is False:
+                    known = False
+                    break
+                await self._answered.wait()
+                continue
+            if self.remaining - self.inflight > 0:
+                known = True
+                break
             now, end = clock(), self.end()
             if now >= end:
-                self.remaining = None
-                break
+                self.remaining = None  # a new window: learn it again
+                continue
             await anyio.sleep(min(end - now, 60.0) + 0.01)
         self.inflight += 1
+        return known
+
+    def done(self, headers: Mapping[str, str] | None, answered: float) -> None:
+        """A request of this service is over (``headers``: its answer's, if any)."""
+        self.inflight -= 1
+        if headers is not None:
+            self.headed = self.headed or "X-RateLimit-Remaining" in headers
+            self.update(headers, answered)
+        self._answered.set()
+        self._answered = anyio.Event()
 
     def update(self, headers: Mapping[str, str], answered: float | None = None) -> None:
         try:
@@ -213,6 +252,7 @@ class ServiceClient:
         self._token = token
         self.prefixes: tuple[str, ...] = ()
         self.limits = limits or ClientLimits()
+        self.burst = settings.quota_burst and self.limits.quota_headers_suffice
         self.per_host = self.limits.per_host(settings.connections_per_host)
         self.hosts = HostLimits(self.per_host)
         self.breaker = CircuitBreaker(settings.outage_failures, settings.outage_seconds)
@@ -299,9 +339,17 @@ class ServiceClient:
                 "sia": self.settings.sia_per_minute,
             }.get(service, 0.0)
             quota = self._quotas[service] = _Quota(per_minute)
-        await quota.wait(self.clock)
+        # With the server's word that its window has room (and no overload
+        # slowing this service), a request need not wait its even share of the
+        # quota: a fixed window's allowance is the server's to give.
+        vouched = await quota.wait(self.clock, self.burst)
+        response: Response | None = None
         try:
-            await self.rate(service).acquire()
+            gate = self.rate(service)
+            if not (vouched and _at_ceiling(gate)):
+                await gate.acquire()
+            else:
+                self.stats.vouched[service] = self.stats.vouched.get(service, 0) + 1
             send = dict(headers or {})
             if auth and self._token and self.may_send_token(url):
                 send["Authorization"] = f"Bearer {self._token}"
@@ -321,8 +369,7 @@ class ServiceClient:
                     raise
                 self.breaker.answered(host)
         finally:
-            quota.inflight -= 1
-        quota.update(response.headers, self.clock())
+            quota.done(None if response is None else response.headers, self.clock())
         if response.status == 429:
             # A quota overrun: the service's limiter holds back its other requests
             # (in a cluster, every worker's) until the server's window ends.
