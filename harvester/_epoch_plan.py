@@ -251,10 +251,12 @@ def make_epoch_plan(
     if not types:
         raise ValueError(f"run.images {config.images} has no single-epoch type")
     refs = tuple(repo.epochs)
-    if not refs:
+    if not refs and len(targets):
+        # (No valid target at all plans to nothing: the bad rows say why.)
         raise ConfigError(
-            f"{repo.root}: the repository has no single-epoch images for run.images "
-            f"{list(types)} (build them with `harvester synth {repo.root} --epochs`)"
+            f"{repo.root}: no single-epoch images for run.images {list(types)}: a "
+            f"repository without them (build them with `harvester synth {repo.root} "
+            "--epochs`), or a service whose catalogue has none for these targets"
         )
     if index is None:
         index = FootprintIndex.from_refs(refs)

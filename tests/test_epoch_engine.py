@@ -529,13 +529,38 @@ def test_compressed_visit_files_match_astropy_decompression(
                 )
 
 
+IMAGES = ["--images", "visit_image", "--output"]  # + a folder
+
+
 def test_single_epoch_runs_refuse_what_they_cannot_do(
-    tmp_path: Path, tiny_epochs: Repository, tiny_repo: Repository
+    tmp_path: Path,
+    tiny_epochs: Repository,
+    tiny_repo: Repository,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = _config(tiny_epochs, tmp_path)
     t = {"id": np.array(["a"]), "ra": np.array([53.3]), "dec": np.array([-27.8])}
-    with pytest.raises(Exception, match="has no single-epoch images"):
+    with pytest.raises(Exception, match="no single-epoch images for run.images"):
         run(_config(tiny_repo, tmp_path / "coadds"), t)
+    # A list whose every row is refused plans to nothing and says why, whatever the
+    # repository holds (it is not told that the repository lacks epochs).
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,ra,dec\na,53.3,-95\n")
+    capsys.readouterr()
+    code = main(
+        [
+            "plan",
+            "--repo",
+            str(tiny_repo.root),
+            "--targets",
+            str(bad),
+            *IMAGES,
+            str(tmp_path / "plan"),
+        ]
+    )
+    out, _ = capsys.readouterr()
+    assert code == 0 and "stamps             0" in out
+    assert "row 1, column 'dec': |dec| > 90 degrees (-95)" in out
 
     async def stream() -> None:
         async with Harvester(config) as h:
