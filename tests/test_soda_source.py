@@ -86,7 +86,7 @@ async def test_cutout_quota_is_honoured(
         for at in times:
             if at >= start + window:
                 windows, start = windows + 1, at
-        assert 0 < vouched and 2 * len(t) - vouched <= windows + 1
+        assert vouched > 0 and 2 * len(t) - vouched <= windows + 1
         return
     assert vouched == 0
     # Never more than `quota` requests in any window of `window` seconds, less an
