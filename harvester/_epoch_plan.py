@@ -251,12 +251,12 @@ def make_epoch_plan(
     if not types:
         raise ValueError(f"run.images {config.images} has no single-epoch type")
     refs = tuple(repo.epochs)
-    if not refs and len(targets):
-        # (No valid target at all plans to nothing: the bad rows say why.)
+    if not refs and len(targets) and not repo.catalogue:
+        # A repository without any is a mistake; a catalogue with none for these
+        # targets, or no valid target at all (the bad rows say why), plans to nothing.
         raise ConfigError(
-            f"{repo.root}: no single-epoch images for run.images {list(types)}: a "
-            f"repository without them (build them with `harvester synth {repo.root} "
-            "--epochs`), or a service whose catalogue has none for these targets"
+            f"{repo.root}: the repository has no single-epoch images for run.images "
+            f"{list(types)} (build them with `harvester synth {repo.root} --epochs`)"
         )
     if index is None:
         index = FootprintIndex.from_refs(refs)

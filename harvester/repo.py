@@ -86,6 +86,9 @@ class Repository:
     epochs: tuple[EpochRef, ...] = ()
     #: The visits those images come from.
     visits: tuple[VisitRecord, ...] = ()
+    #: Whether ``epochs`` are what a remote source's catalogue found for one run's
+    #: targets (possibly none), rather than the repository's own index.
+    catalogue: bool = False
 
     def __len__(self) -> int:
         return len(self.datasets)

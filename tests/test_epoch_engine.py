@@ -540,7 +540,7 @@ def test_single_epoch_runs_refuse_what_they_cannot_do(
 ) -> None:
     config = _config(tiny_epochs, tmp_path)
     t = {"id": np.array(["a"]), "ra": np.array([53.3]), "dec": np.array([-27.8])}
-    with pytest.raises(Exception, match="no single-epoch images for run.images"):
+    with pytest.raises(Exception, match="has no single-epoch images for run.images"):
         run(_config(tiny_repo, tmp_path / "coadds"), t)
     # A list whose every row is refused plans to nothing and says why, whatever the
     # repository holds (it is not told that the repository lacks epochs).

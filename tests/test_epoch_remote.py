@@ -227,6 +227,29 @@ def test_plan_over_a_remote_source_shows_the_lookup(
     assert f"stamps             {len(_pairs(local))} " in text, text
 
 
+def test_a_remote_catalogue_without_epochs_plans_to_nothing(
+    tmp_path: Path,
+    tiny_epochs: Repository,
+    server: ServerHandle,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Targets the service has no epoch images for: a plan of no stamps, and a run
+    that records the target no_coverage (not an error about the repository)."""
+    csv = tmp_path / "far.csv"
+    csv.write_text("id,ra,dec\nfar,120.0,10.0\n")
+    args = ["plan", "--repo", str(tiny_epochs.root), "--targets", str(csv)]
+    args += ["--images", "visit_image", "--bands", "g", "--size", str(SIDE)]
+    args += ["--source", "http", "--service-url", server.base_url, "--token", TOKEN]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "targets            1 (0 with an epoch)" in text, text
+    assert "stamps             0 " in text, text
+    out = tmp_path / "out"
+    assert main(["run", *args[1:], "--output", str(out)]) == 0
+    assert _pairs(out) == {}
+    assert "targets     1 (no_coverage 1)" in capsys.readouterr().out
+
+
 def test_remote_resume_after_an_interruption(
     tmp_path: Path, tiny_epochs: Repository, targets: Columns, server: ServerHandle, local: Path
 ) -> None:

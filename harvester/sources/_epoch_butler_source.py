@@ -145,7 +145,7 @@ class ButlerEpochSource:
         self.uris.urls.update(
             (i, a.url) for i, a in cat.access.items() if a.url is not None and _remote(a.url)
         )
-        return dataclasses.replace(repo, epochs=cat.refs)
+        return dataclasses.replace(repo, epochs=cat.refs, catalogue=True)
 
     def lookup_lines(self) -> list[str]:
         """How the epoch images were found, for a plan's quote."""

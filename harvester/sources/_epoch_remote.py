@@ -196,7 +196,7 @@ class RemoteEpochSource:
         else:
             cat = await self._obscore(config).find(search)
         self.catalog = cat
-        return dataclasses.replace(repo, epochs=cat.refs)
+        return dataclasses.replace(repo, epochs=cat.refs, catalogue=True)
 
     def _obscore(self, config: RunConfig) -> ObsCoreEpochFinder:
         from .._tap import TapClient
