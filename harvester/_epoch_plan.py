@@ -38,6 +38,7 @@ from ._config_images import COADD_TYPES, native_side
 from .config import RunConfig, TimeWindow
 from .epochs import EpochRef, EpochSpec, FootprintIndex
 from .errors import ConfigError
+from .plan import wanted_bands
 from .repo import Repository
 from .targets import Targets
 
@@ -219,17 +220,6 @@ def epoch_rate(path: Path) -> float | None:
     return stamps / seconds if seconds > 0 else None
 
 
-def _wanted_bands(targets: Targets, bands: tuple[str, ...]) -> npt.NDArray[np.bool_] | None:
-    """(n, B) bands each target asked for; None when no row names any."""
-    if not any(targets.bands):
-        return None
-    wanted = np.ones((len(targets), len(bands)), dtype=bool)
-    for i, own in enumerate(targets.bands):
-        if own:
-            wanted[i] = [b in own for b in bands]
-    return wanted
-
-
 def make_epoch_plan(
     targets: Targets,
     repo: Repository,
@@ -272,7 +262,7 @@ def make_epoch_plan(
         dataset_types=types,
     )
     keep = np.ones(len(pairs), dtype=bool)
-    wanted = _wanted_bands(targets, config.bands)
+    wanted = wanted_bands(targets, config.bands)
     if wanted is not None and len(pairs):
         band_of = np.array(
             [config.bands.index(r.band) if r.band in config.bands else 0 for r in refs]

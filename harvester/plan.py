@@ -46,6 +46,7 @@ __all__ = [
     "make_plan",
     "probe_rate",
     "split_box",
+    "wanted_bands",
 ]
 
 IntArray = npt.NDArray[np.int64]
@@ -523,7 +524,7 @@ def make_plan(
         x0=cols["x0"],
         y0=cols["y0"],
         crossing=crossing,
-        wanted=_wanted(targets, bands),
+        wanted=wanted_bands(targets, bands),
         types=slots,
     )
     # A Butler repository finds the images now, in a few queries for the whole plan.
@@ -531,7 +532,7 @@ def make_plan(
     return plan
 
 
-def _wanted(targets: Targets, bands: tuple[str, ...]) -> npt.NDArray[np.bool_] | None:
+def wanted_bands(targets: Targets, bands: tuple[str, ...]) -> npt.NDArray[np.bool_] | None:
     """(n, B) bands each target asked for; None when no row names any (the usual case)."""
     if not any(targets.bands):
         return None

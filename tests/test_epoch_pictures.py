@@ -19,7 +19,7 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_area
 from matplotlib.image import imread
 
-from harvester.epochs import TargetEpochs, align_epochs
+from harvester.epochs import EPOCH_COLUMNS, TargetEpochs, align_epochs
 from harvester.sinks.epoch_pictures import (
     filmstrip_groups,
     filmstrip_size_px,
@@ -74,18 +74,7 @@ def _epochs(n_g: int = 5, n_r: int = 13, seed: int = 2) -> TargetEpochs:
     both = np.argsort(np.concatenate([te.mjd_tai, diff.mjd_tai]), kind="stable")
     columns: dict[str, Any] = {
         name: np.concatenate([getattr(te, name), getattr(diff, name)])[both]
-        for name in (
-            "dataset_type",
-            "visit",
-            "detector",
-            "band",
-            "mjd_tai",
-            "exptime",
-            "seeing",
-            "coverage",
-            "status",
-            "dataset_id",
-        )
+        for name in EPOCH_COLUMNS
     }
     assert te.mask is not None and diff.mask is not None
     assert te.variance is not None and diff.variance is not None
